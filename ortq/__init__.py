@@ -1,0 +1,77 @@
+"""ortq: post-training quantization of ONNX models, extensible through pluggy plugins.
+
+Quick use::
+
+    import ortq
+    result = ortq.quantize("model.onnx", "model.int8.onnx", calibration_data="calib.npz")
+
+Embedding (an SDK with its own plugins, no entry-point autoload, no global state)::
+
+    toolkit = ortq.Toolkit(plugins=[my_plugin], autoload=False)
+    result = toolkit.quantize(model, "out.onnx", calibration_data=reader, target="cpu")
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .backend import Backend
+from .calibrator import Calibrator, MinMaxStatistic, Statistic
+from .config import QuantConfig
+from .errors import (
+    CalibrationDataError,
+    CalibrationError,
+    ConfigError,
+    ModelError,
+    OrtqError,
+    PluginError,
+    VerificationError,
+)
+from .hookspecs import hookimpl
+from .op_quantizer import Activation, Bias, LeaveFloat, NodePlan, OpQuantizer, PlanContext, SameAs, Weight
+from .scheme import QuantParams, QuantSpec, QuantType
+from .toolkit import Toolkit
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "__version__",
+    "Toolkit",
+    "quantize",
+    "quantize_static",
+    "QuantFormat",
+    "CalibrationMethod",
+    "CalibrationDataReader",
+    "hookimpl",
+    "OpQuantizer",
+    "PlanContext",
+    "NodePlan",
+    "LeaveFloat",
+    "Activation",
+    "Weight",
+    "Bias",
+    "SameAs",
+    "Calibrator",
+    "Statistic",
+    "MinMaxStatistic",
+    "Backend",
+    "QuantConfig",
+    "QuantType",
+    "QuantSpec",
+    "QuantParams",
+    "OrtqError",
+    "ModelError",
+    "CalibrationDataError",
+    "CalibrationError",
+    "ConfigError",
+    "PluginError",
+    "VerificationError",
+]
+
+
+def quantize(model: Any, output: Any = None, **options: Any):  # noqa: ANN201 - QuantizationResult
+    """Quantize with a fresh :class:`Toolkit` (built-ins plus installed plugins); see ``Toolkit.quantize``."""
+    return Toolkit().quantize(model, output, **options)
+
+
+from .compat import CalibrationDataReader, CalibrationMethod, QuantFormat, quantize_static  # noqa: E402

@@ -1,0 +1,38 @@
+"""What a backend plugin writes: a deployment target's scheme, its op policy, and its artifacts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar
+
+import onnx
+
+from .config import QuantConfig
+
+if TYPE_CHECKING:
+    from .op_quantizer import PlanContext
+    from .pipeline import QuantizationResult
+
+__all__ = ["Backend"]
+
+
+class Backend:
+    """Base class for target backends, registered by their lowercase ``name`` (``--target NAME``).
+
+    ``default_config`` is the scheme the target runs best; the user's explicit options override it.
+    ``default_op_types`` are the ops worth quantizing for this target; ``leave_float`` vetoes single nodes
+    (returning the reason); ``export`` writes whatever the target needs beside the model.
+    """
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    default_op_types: ClassVar[frozenset[str] | None] = None
+
+    def default_config(self) -> QuantConfig:
+        return QuantConfig(op_types=self.default_op_types)
+
+    def leave_float(self, node: onnx.NodeProto, ctx: PlanContext) -> str | None:
+        return None
+
+    def export(self, result: QuantizationResult, out_dir: Path) -> list[Path]:
+        return []

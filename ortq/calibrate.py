@@ -1,0 +1,143 @@
+"""Stage 3: run a copy of the model with in-graph observers over the calibration data.
+
+The observed copy gets one observer sink right after each planned tensor's producer; the session runs
+with priority-based execution order so each observer runs as soon as its tensor exists, keeping peak
+memory at one batch of activations (see ``custom_ops/observers.py``).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from .errors import CalibrationError, OrtqError
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
+
+    from .calibrator import Calibrator, Statistic
+    from .graph import GraphIndex
+
+__all__ = ["CalibrationResult", "run_calibration", "build_observed_model"]
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[int], None]
+
+
+@dataclass
+class CalibrationResult:
+    statistics: dict[str, "Statistic"]
+    batches: int
+    samples: int
+
+
+def build_observed_model(
+    model: onnx.ModelProto, index: GraphIndex, tensors: Sequence[str], token: str
+) -> onnx.ModelProto:
+    """A copy of ``model`` with an observer sink inserted right after each tensor's producer."""
+    from ortq.custom_ops.observers import OBSERVER_DOMAIN, OBSERVER_OP
+
+    position = {name: i for i, name in enumerate(tensors)}
+    observed = onnx.ModelProto()
+    observed.CopyFrom(model)
+    graph = observed.graph
+    nodes = list(graph.node)
+    del graph.node[:]
+
+    def observers_for(names: Iterable[str]) -> list[onnx.NodeProto]:
+        made = []
+        for name in names:
+            if name not in position:
+                continue
+            source = name
+            if index.elem_type(name) != onnx.TensorProto.FLOAT:
+                # Float16/bfloat16 inputs abort onnxruntime-extensions' Python ops: observe a float copy.
+                source = f"{name}__ortq_f32"
+                made.append(helper.make_node("Cast", [name], [source], to=onnx.TensorProto.FLOAT))
+            made.append(
+                helper.make_node(
+                    OBSERVER_OP,
+                    [source],
+                    [f"{name}__ortq_observed"],
+                    name=f"{name}__ortq_observer",
+                    domain=OBSERVER_DOMAIN,
+                    token=token,
+                    index=position[name],
+                )
+            )
+        return made
+
+    graph.node.extend(observers_for(vi.name for vi in graph.input))
+    graph.node.extend(observers_for(index.initializers.keys() & position.keys()))
+    for node in nodes:
+        graph.node.append(node)
+        graph.node.extend(observers_for(node.output))
+    if not any(imp.domain == OBSERVER_DOMAIN for imp in observed.opset_import):
+        observed.opset_import.append(helper.make_opsetid(OBSERVER_DOMAIN, 1))
+    return observed
+
+
+def run_calibration(
+    model: onnx.ModelProto,
+    index: GraphIndex,
+    tensors: Sequence[str],
+    calibrator: Calibrator,
+    batches: Iterable[dict[str, np.ndarray]],
+    *,
+    providers: Sequence[Any] | None = None,
+    session_options: "ort.SessionOptions | None" = None,
+    progress: Progress | None = None,
+) -> CalibrationResult:
+    """Feed every batch through the observed model and return one statistic per tensor."""
+    import onnxruntime as ort
+
+    from ortq.custom_ops.observers import ObserverSink, library_path
+
+    statistics = {name: calibrator.create_statistic(name) for name in tensors}
+    sink = ObserverSink(list(tensors), [statistics[name].update for name in tensors])
+    observed = build_observed_model(model, index, tensors, sink.token)
+    so = session_options if session_options is not None else ort.SessionOptions()
+    so.register_custom_ops_library(library_path())
+    so.execution_order = ort.ExecutionOrder.PRIORITY_BASED
+    if session_options is None:
+        # ENABLE_ALL would add a layout copy per observed tensor; extended keeps the fusions that matter.
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    try:
+        session = ort.InferenceSession(
+            observed.SerializeToString(), so, providers=list(providers or ["CPUExecutionProvider"])
+        )
+    except Exception as exc:
+        raise CalibrationError(f"ONNX Runtime cannot load the model for calibration: {exc}") from None
+    fetch = None  # all outputs: ONNX Runtime then runs every node, observers included
+    n_batches = n_samples = 0
+    with sink:
+        for feed in batches:
+            try:
+                session.run(fetch, feed)
+            except OrtqError:
+                raise
+            except Exception as exc:
+                raise CalibrationError(f"calibration batch {n_batches}: ONNX Runtime failed: {exc}") from None
+            if sink.error is not None:
+                tensor, exc = sink.error
+                raise CalibrationError(
+                    f"observer for tensor {tensor!r} failed on calibration batch {n_batches}: {exc!r}"
+                ) from exc
+            n_batches += 1
+            n_samples += _batch_size(feed)
+            if progress is not None:
+                progress(_batch_size(feed))
+    if n_batches == 0:
+        raise CalibrationError("the calibration data produced no batches")
+    return CalibrationResult(statistics, n_batches, n_samples)
+
+
+def _batch_size(feed: dict[str, np.ndarray]) -> int:
+    first = next(iter(feed.values()), None)
+    return int(first.shape[0]) if first is not None and first.ndim > 0 else 1

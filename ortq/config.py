@@ -1,0 +1,39 @@
+"""The options of one quantization run, after the backend's defaults and the user's overrides are merged."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .scheme import QuantSpec, QuantType
+
+__all__ = ["QuantConfig"]
+
+
+@dataclass
+class QuantConfig:
+    """Resolved scheme and selection options; op quantizers read it through :class:`ortq.PlanContext`."""
+
+    activation: QuantSpec = field(default_factory=lambda: QuantSpec(QuantType.UINT8, symmetric=False))
+    weight: QuantSpec = field(default_factory=lambda: QuantSpec(QuantType.INT8, symmetric=True))
+    per_channel: bool = True
+    quantize_bias: bool = True
+    matmul_const_b_only: bool = True
+    op_types: frozenset[str] | None = None
+    nodes_to_quantize: frozenset[str] | None = None
+    nodes_to_exclude: frozenset[str] = frozenset()
+    #: Output types whose Q is skipped (ONNX Runtime's OpTypesToExcludeOutputQuantization).
+    op_types_no_output_quantization: frozenset[str] = frozenset()
+    #: A calibrated |range| above this cannot be quantized usefully (masks filled with -1e9 or -3.4e38):
+    #: the nodes touching that tensor stay float.
+    extreme_range: float = 1e6
+    calibrator: str = "minmax"
+    calibrator_options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def required_opset(self) -> int:
+        """Per-channel axis on DequantizeLinear needs opset 13; 16-bit Q/DQ need opset 21."""
+        opset = max(self.activation.qtype.min_opset, self.weight.qtype.min_opset)
+        if self.per_channel:
+            opset = max(opset, 13)
+        return opset

@@ -1,0 +1,107 @@
+"""A read-only index over an ONNX graph: who produces and who consumes each tensor, and what it is.
+
+The quantizer edits raw ONNX protobuf (see the README's architecture section for why not onnx-ir yet);
+this index is the bookkeeping that makes those edits local and cheap instead of repeated graph scans.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+__all__ = ["GraphIndex", "node_label"]
+
+
+def node_label(node: onnx.NodeProto) -> str:
+    """How errors and logs name a node: its name and op type (ONNX node names are optional)."""
+    name = node.name or (f"<unnamed, output {node.output[0]}>" if node.output else "<unnamed>")
+    domain = f"{node.domain}." if node.domain not in ("", "ai.onnx") else ""
+    return f"{name!r} ({domain}{node.op_type})"
+
+
+class GraphIndex:
+    """Producers, consumers, constants and types of the main graph's tensors."""
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        graph = model.graph
+        self.model = model
+        self.graph = graph
+        self.graph_inputs = {vi.name for vi in graph.input}
+        # An initializer that is also a graph input can be overridden at run time: it is not a constant.
+        self.initializers = {i.name: i for i in graph.initializer if i.name not in self.graph_inputs}
+        self.graph_outputs = {vi.name for vi in graph.output}
+        self.producer: dict[str, onnx.NodeProto] = {}
+        self.consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+        for node in graph.node:
+            for name in node.output:
+                if name:
+                    self.producer[name] = node
+            for name in node.input:
+                if name:
+                    self.consumers[name].append(node)
+        self.value_info = {vi.name: vi for vi in (*graph.input, *graph.output, *graph.value_info)}
+        self._constant_cache: dict[str, np.ndarray] = {}
+
+    def is_constant(self, name: str) -> bool:
+        """True for initializers and for Constant node outputs (values known before any data is seen)."""
+        if name in self.initializers:
+            return True
+        node = self.producer.get(name)
+        return node is not None and node.op_type == "Constant" and node.domain in ("", "ai.onnx")
+
+    def constant_value(self, name: str) -> np.ndarray | None:
+        if name in self._constant_cache:
+            return self._constant_cache[name]
+        value: np.ndarray | None = None
+        if name in self.initializers:
+            value = numpy_helper.to_array(self.initializers[name])
+        elif self.is_constant(name):
+            attr = self.producer[name].attribute[0]
+            if attr.name == "value":
+                value = numpy_helper.to_array(attr.t)
+        if value is not None:
+            self._constant_cache[name] = value
+        return value
+
+    def elem_type(self, name: str) -> int | None:
+        """ONNX element type of a tensor if the graph declares it (after shape inference, most do)."""
+        if name in self.initializers:
+            return self.initializers[name].data_type
+        vi = self.value_info.get(name)
+        if vi is not None and vi.type.HasField("tensor_type"):
+            return vi.type.tensor_type.elem_type
+        if self.is_constant(name):
+            value = self.constant_value(name)
+            if value is not None:
+                return onnx.helper.np_dtype_to_tensor_dtype(value.dtype)
+        return None
+
+    def is_float(self, name: str) -> bool:
+        """Quantization applies to float32 tensors; unknown types are treated as not float (never guessed)."""
+        return self.elem_type(name) == onnx.TensorProto.FLOAT
+
+    def shape(self, name: str) -> list[int | str | None] | None:
+        if name in self.initializers:
+            return list(self.initializers[name].dims)
+        vi = self.value_info.get(name)
+        if vi is None or not vi.type.tensor_type.HasField("shape"):
+            return None
+        dims: list[int | str | None] = []
+        for d in vi.type.tensor_type.shape.dim:
+            dims.append(d.dim_value if d.HasField("dim_value") else (d.dim_param or None))
+        return dims
+
+    def attribute(self, node: onnx.NodeProto, name: str, default: object = None) -> object:
+        for attr in node.attribute:
+            if attr.name == name:
+                return onnx.helper.get_attribute_value(attr)
+        return default
+
+    def opset(self, domain: str = "") -> int:
+        for imp in self.model.opset_import:
+            if imp.domain in (domain, "ai.onnx" if domain == "" else domain):
+                return imp.version
+        return 0

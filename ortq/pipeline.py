@@ -1,0 +1,267 @@
+"""The quantization pipeline: load -> plan -> calibrate -> parameters -> rewrite -> verify -> save/export.
+
+Each stage is a module with one job; this one only wires them together and owns the data flow.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
+
+import numpy as np
+import onnx
+
+from .calibrate import run_calibration
+from .config import QuantConfig
+from .data import iter_batches, model_inputs
+from .errors import ConfigError, ModelError
+from .graph import GraphIndex
+from .model_io import check_output_path, load_model, model_opset, save_model_atomic, upgrade_opset
+from .params import bias_params, compute_params
+from .planner import QuantPlan, make_plan
+from .rewrite_qdq import rewrite_qdq
+from .scheme import QuantParams, QuantSpec, QuantType
+from .verify import LOW_SQNR_DB, VerificationReport, verify_model
+
+if TYPE_CHECKING:
+    from .backend import Backend
+    from .toolkit import Toolkit
+
+__all__ = ["QuantizationResult", "quantize", "plan_only", "resolve_config"]
+
+log = logging.getLogger(__name__)
+
+_MAX_REPLANS = 8
+
+
+@dataclass
+class QuantizationResult:
+    """Everything a caller may want to know about one quantization run."""
+
+    model: onnx.ModelProto
+    output: Path | None
+    target: str
+    config: QuantConfig
+    plan: QuantPlan
+    ranges: dict[str, tuple[float, float]]
+    params: dict[str, QuantParams]
+    vetoes: dict[str, str]
+    calibration_batches: int
+    calibration_samples: int
+    verification: VerificationReport
+    float_bytes: int
+    quantized_bytes: int
+    seconds: dict[str, float] = field(default_factory=dict)
+    artifacts: list[Path] = field(default_factory=list)
+
+    def summary(self) -> str:
+        """A few lines for humans (the CLI prints this)."""
+        lines = [
+            f"quantized {len(self.plan.quantized_nodes)} node(s), left {len(self.plan.float_nodes)} in float "
+            f"(target {self.target}, calibrator {self.config.calibrator}, "
+            f"{self.calibration_samples} sample(s) in {self.calibration_batches} batch(es))",
+            f"size: {self.float_bytes / 1e6:.3f} MB -> {self.quantized_bytes / 1e6:.3f} MB "
+            f"({self.float_bytes / max(self.quantized_bytes, 1):.2f}x smaller)",
+        ]
+        for o in self.verification.outputs:
+            top1 = f", top-1 agreement {o.top1_agreement:.2%}" if o.top1_agreement is not None else ""
+            lines.append(
+                f"output {o.name!r}: SQNR {o.sqnr_db:.1f} dB, max abs error {o.max_abs_error:.4g}{top1} "
+                f"({self.verification.samples} sample(s))"
+            )
+        for tensor, reason in self.vetoes.items():
+            lines.append(f"kept float around {tensor!r}: {reason}")
+        return "\n".join(lines)
+
+
+def resolve_config(backend: Backend, **overrides: Any) -> QuantConfig:
+    """Start from the backend's preferred scheme and apply the caller's explicit (non-None) options."""
+    config = backend.default_config()
+    act, wgt = config.activation, config.weight
+    a_type = QuantType.parse(overrides["activation_type"]) if overrides.get("activation_type") is not None else act.qtype
+    w_type = QuantType.parse(overrides["weight_type"]) if overrides.get("weight_type") is not None else wgt.qtype
+    a_sym = _pick(overrides.get("activation_symmetric"), act.symmetric)
+    w_sym = _pick(overrides.get("weight_symmetric"), wgt.symmetric)
+    reduce = _pick(overrides.get("reduce_range"), wgt.reduce_range)
+    config.activation = QuantSpec(a_type, a_sym, None, False)
+    config.weight = QuantSpec(w_type, w_sym, None, reduce)
+    config.per_channel = _pick(overrides.get("per_channel"), config.per_channel)
+    config.quantize_bias = _pick(overrides.get("quantize_bias"), config.quantize_bias)
+    config.matmul_const_b_only = _pick(overrides.get("matmul_const_b_only"), config.matmul_const_b_only)
+    config.extreme_range = float(_pick(overrides.get("extreme_range"), config.extreme_range))
+    if overrides.get("op_types_to_quantize"):
+        config.op_types = frozenset(overrides["op_types_to_quantize"])
+    if overrides.get("nodes_to_quantize"):
+        config.nodes_to_quantize = frozenset(overrides["nodes_to_quantize"])
+    if overrides.get("nodes_to_exclude"):
+        config.nodes_to_exclude = frozenset(overrides["nodes_to_exclude"])
+    if overrides.get("op_types_no_output_quantization"):
+        config.op_types_no_output_quantization = frozenset(overrides["op_types_no_output_quantization"])
+    if overrides.get("calibrate_method") is not None:
+        config.calibrator = str(getattr(overrides["calibrate_method"], "name", overrides["calibrate_method"])).lower()
+    if overrides.get("calibrator_options"):
+        config.calibrator_options = dict(overrides["calibrator_options"])
+    if config.extreme_range <= 0:
+        raise ConfigError("extreme_range must be positive")
+    return config
+
+
+def _pick(value: Any, default: Any) -> Any:
+    return default if value is None else value
+
+
+def _prepare(toolkit: Toolkit, model: Any, target: str, overrides: dict[str, Any]):  # noqa: ANN202
+    backend = toolkit.backend(target)
+    config = resolve_config(backend, **overrides)
+    proto, source = load_model(model)
+    label = str(source) if source else "model"
+    float_model = onnx.ModelProto()
+    float_model.CopyFrom(proto)
+    proto = upgrade_opset(proto, max(10, config.required_opset), label)
+    if model_opset(proto) >= 21 and proto.ir_version < 10:
+        proto.ir_version = 10
+    elif proto.ir_version < 7 and model_opset(proto) >= 13:
+        proto.ir_version = 7
+    _name_nodes(proto)
+    try:
+        proto = onnx.shape_inference.infer_shapes(proto)
+    except Exception as exc:  # shape inference is a help, never a requirement
+        log.warning("%s: shape inference failed (%s); tensors of unknown type stay float", label, exc)
+    return backend, config, proto, float_model, label
+
+
+def _name_nodes(model: onnx.ModelProto) -> None:
+    """Give every node a unique name: plans, reports and nodes_to_exclude refer to nodes by name."""
+    seen: set[str] = set()
+    for i, node in enumerate(model.graph.node):
+        base = node.name or f"{node.op_type}_{i}"
+        name, k = base, 1
+        while name in seen:
+            name, k = f"{base}_{k}", k + 1
+        if name != node.name:
+            log.debug("renaming node %r to %r", node.name, name)
+            node.name = name
+        seen.add(name)
+
+
+def plan_only(toolkit: Toolkit, model: Any, *, target: str = "cpu", **overrides: Any) -> tuple[QuantPlan, QuantConfig, onnx.ModelProto]:
+    """The plan ``quantize`` would start from, without data (``ortq info``)."""
+    backend, config, proto, _, _ = _prepare(toolkit, model, target, overrides)
+    return make_plan(toolkit, GraphIndex(proto), config, backend), config, proto
+
+
+def quantize(
+    toolkit: Toolkit,
+    model: str | Path | onnx.ModelProto,
+    output: str | Path | None = None,
+    *,
+    calibration_data: Any = None,
+    target: str = "cpu",
+    batch_size: int | None = None,
+    max_samples: int | None = None,
+    providers: Sequence[Any] | None = None,
+    session_options: Any = None,
+    progress: Callable[[int], None] | None = None,
+    verify: bool = True,
+    verify_samples: int = 64,
+    **overrides: Any,
+) -> QuantizationResult:
+    """Statically quantize ``model`` to the QDQ format for ``target`` and optionally write it to ``output``.
+
+    Scheme options (``activation_type``, ``weight_type``, ``activation_symmetric``, ``weight_symmetric``,
+    ``per_channel``, ``reduce_range``, ``quantize_bias``, ``op_types_to_quantize``, ``nodes_to_quantize``,
+    ``nodes_to_exclude``, ``calibrate_method``, ``calibrator_options``, ``extreme_range``, ...) default to
+    what the target backend prefers. The input model is never modified; the output is written atomically.
+    """
+    unknown = set(overrides) - _OVERRIDES
+    if unknown:
+        raise ConfigError(f"unknown option(s) {sorted(unknown)}; supported: {sorted(_OVERRIDES)}")
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    out = check_output_path(output) if output is not None else None
+    backend, config, proto, float_model, label = _prepare(toolkit, model, target, overrides)
+    calibrator = toolkit.calibrator(config.calibrator, **config.calibrator_options)
+    index = GraphIndex(proto)
+    plan = make_plan(toolkit, index, config, backend)
+    timings["plan"] = time.perf_counter() - t0
+
+    t1 = time.perf_counter()
+    inputs = model_inputs(proto)
+    kept: list[dict[str, np.ndarray]] = []
+    batches = _keep_first(iter_batches(calibration_data, inputs, batch_size, max_samples), kept, verify_samples if verify else 0)
+    observed = plan.observed_tensors()
+    calibration = run_calibration(
+        proto, index, observed, calibrator, batches,
+        providers=providers, session_options=session_options, progress=progress,
+    )
+    ranges = _ranges(calibrator, calibration.statistics, plan)
+    timings["calibrate"] = time.perf_counter() - t1
+
+    t2 = time.perf_counter()
+    vetoes: dict[str, str] = {}
+    for _ in range(_MAX_REPLANS):
+        params, new_vetoes = compute_params(plan, index, ranges, config)
+        new_vetoes = {k: v for k, v in new_vetoes.items() if k not in vetoes}
+        if not new_vetoes:
+            break
+        for tensor, reason in new_vetoes.items():
+            log.warning("%s: tensor %r stays float: %s", label, tensor, reason)
+        vetoes.update(new_vetoes)
+        plan = make_plan(toolkit, index, config, backend, vetoed=vetoes)
+    else:
+        raise ModelError(f"{label}: quantization plan did not settle after {_MAX_REPLANS} rounds of vetoes")
+    rewrite_qdq(proto, index, plan, params, bias_params(plan, params))
+    timings["rewrite"] = time.perf_counter() - t2
+
+    t3 = time.perf_counter()
+    report = verify_model(float_model, proto, kept, providers) if verify else VerificationReport()
+    low = report.min_sqnr_db
+    if low is not None and low < LOW_SQNR_DB:
+        log.warning(
+            "%s: the quantized model's output SQNR is only %.1f dB on %d calibration sample(s); it may be "
+            "unusable. Try per-channel weights, 16-bit activations, or excluding sensitive nodes.",
+            label, low, report.samples,
+        )
+    timings["verify"] = time.perf_counter() - t3
+    result = QuantizationResult(
+        model=proto, output=out, target=backend.name, config=config, plan=plan, ranges=ranges, params=params,
+        vetoes=vetoes, calibration_batches=calibration.batches, calibration_samples=calibration.samples,
+        verification=report, float_bytes=float_model.ByteSize(), quantized_bytes=proto.ByteSize(), seconds=timings,
+    )
+    if out is not None:
+        save_model_atomic(proto, out)
+        result.artifacts = backend.export(result, out.parent)
+    return result
+
+
+_OVERRIDES = {
+    "activation_type", "weight_type", "activation_symmetric", "weight_symmetric", "per_channel", "reduce_range",
+    "quantize_bias", "matmul_const_b_only", "op_types_to_quantize", "nodes_to_quantize", "nodes_to_exclude",
+    "op_types_no_output_quantization", "calibrate_method", "calibrator_options", "extreme_range",
+}
+
+
+def _keep_first(
+    batches: Iterable[dict[str, np.ndarray]], kept: list[dict[str, np.ndarray]], samples: int
+) -> Iterable[dict[str, np.ndarray]]:
+    """Pass batches through, keeping the first ``samples`` samples for verification."""
+    held = 0
+    for feed in batches:
+        if held < samples:
+            kept.append(feed)
+            held += int(next(iter(feed.values())).shape[0]) if feed else 0
+        yield feed
+
+
+def _ranges(calibrator, statistics, plan: QuantPlan) -> dict[str, tuple[float, float]]:  # noqa: ANN001
+    ranges = {}
+    for name, stat in statistics.items():
+        spec = plan.tensors[name].spec
+        lo, hi = calibrator.compute_range(name, stat, spec)
+        ranges[name] = (float(lo), float(hi))
+    return ranges
+
+

@@ -1,0 +1,226 @@
+"""Stage 2: decide which tensors get which scheme, by asking the op quantizers under the backend's policy.
+
+Planning needs no data, so ``ortq info`` shows the plan (and every reason a node stays float) before
+anything is calibrated. Graph-wide rules live here, not in the op quantizers:
+
+- one quantization per tensor: every quantized consumer shares the same Q/DQ;
+- a data-movement output (:class:`SameAs`) is quantized only if its input already is;
+- ReLU/Clip(0, x) after an integer kernel is folded: the producer's output gets no Q/DQ and the activation's
+  own output quantizer (zero point at the type minimum) clamps exactly, so ONNX Runtime fuses the
+  producer, the activation and the Q into one integer kernel;
+- vetoed tensors (unusable calibrated ranges) leave every node touching them in float.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import onnx
+
+from .errors import OrtqError, PluginError
+from .graph import GraphIndex, node_label
+from .op_quantizer import Activation, Bias, LeaveFloat, NodePlan, PlanContext, Role, SameAs, Weight
+from .scheme import QuantSpec
+
+if TYPE_CHECKING:
+    from .backend import Backend
+    from .config import QuantConfig
+    from .toolkit import Toolkit
+
+__all__ = ["TensorPlan", "QuantPlan", "make_plan"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TensorPlan:
+    """The decision for one tensor; ``spec`` is None for int32 biases and for :class:`SameAs` outputs."""
+
+    name: str
+    role: Role
+    spec: QuantSpec | None
+    constant: bool
+    node: str  # the node whose plan introduced it (for messages)
+    source: str | None = None  # SameAs: the tensor whose parameters this one copies
+    bias_input: str | None = None
+    bias_weight: str | None = None
+
+
+@dataclass
+class FloatNode:
+    name: str
+    op_type: str
+    reason: str
+
+
+@dataclass
+class QuantPlan:
+    tensors: dict[str, TensorPlan] = field(default_factory=dict)
+    quantized_nodes: dict[str, str] = field(default_factory=dict)  # node name -> op type
+    float_nodes: list[FloatNode] = field(default_factory=list)
+    folded: dict[str, str] = field(default_factory=dict)  # tensor -> activation node folded into it
+
+    def observed_tensors(self) -> list[str]:
+        """Activations whose range must come from calibration, in graph order."""
+        return [
+            t.name
+            for t in self.tensors.values()
+            if isinstance(t.role, Activation) and t.role.fixed_range is None and not t.constant
+        ]
+
+
+def make_plan(
+    toolkit: Toolkit,
+    index: GraphIndex,
+    config: QuantConfig,
+    backend: Backend,
+    vetoed: dict[str, str] | None = None,
+) -> QuantPlan:
+    """Plan every node of the main graph, in order (ONNX graphs are topologically sorted)."""
+    vetoed = vetoed or {}
+    plan = QuantPlan()
+    quantized: set[str] = set()
+    ctx = PlanContext(index, config, quantized)
+    instances: dict[type, object] = {}
+    foldable: dict[str, bool] = {}
+    for node in index.graph.node:
+        result = _plan_node(toolkit, node, ctx, config, backend, instances)
+        if isinstance(result, NodePlan):
+            result = _admit(node, result, plan, index, config, vetoed, quantized)
+        if isinstance(result, LeaveFloat):
+            plan.float_nodes.append(FloatNode(node.name, node.op_type, result.reason))
+            continue
+        plan.quantized_nodes[node.name] = node.op_type
+        quantizer = instances[toolkit.op_quantizer_for(node.op_type, node.domain)]
+        can_fold = getattr(quantizer, "can_fold", None)
+        foldable[node.name] = bool(can_fold(node, ctx) if can_fold else quantizer.folds_into_producer)
+    if not config.activation.symmetric:
+        _fold_activations(plan, index, foldable)
+    return plan
+
+
+def _plan_node(toolkit, node, ctx, config, backend, instances) -> NodePlan | LeaveFloat:
+    if node.name in config.nodes_to_exclude:
+        return LeaveFloat("excluded by nodes_to_exclude")
+    if config.nodes_to_quantize is not None and node.name not in config.nodes_to_quantize:
+        return LeaveFloat("not listed in nodes_to_quantize")
+    cls = toolkit.op_quantizer_for(node.op_type, node.domain)
+    if cls is None:
+        return LeaveFloat(f"no op quantizer is registered for {node.op_type}")
+    if config.op_types is not None and node.op_type not in config.op_types:
+        return LeaveFloat(f"{node.op_type} is not in the op types selected for target {backend.name!r}")
+    try:
+        veto = backend.leave_float(node, ctx)
+    except OrtqError:
+        raise
+    except Exception as exc:
+        raise PluginError(f"backend {backend.name!r} failed on node {node_label(node)}: {exc!r}") from exc
+    if veto:
+        return LeaveFloat(veto)
+    quantizer = instances.get(cls)
+    if quantizer is None:
+        quantizer = instances[cls] = cls()
+    try:
+        result = quantizer.plan(node, ctx)
+    except OrtqError:
+        raise
+    except Exception as exc:
+        plugin = toolkit.plugin_of(toolkit.op_quantizers, _key(node))
+        raise PluginError(
+            f"op quantizer {cls.__name__} (plugin {plugin!r}) failed on node {node_label(node)}: {exc!r}"
+        ) from exc
+    if not isinstance(result, (NodePlan, LeaveFloat)):
+        raise PluginError(f"op quantizer {cls.__name__} returned {result!r} for node {node_label(node)}")
+    return result
+
+
+def _key(node: onnx.NodeProto) -> str:
+    return node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}::{node.op_type}"
+
+
+def _admit(
+    node: onnx.NodeProto,
+    node_plan: NodePlan,
+    plan: QuantPlan,
+    index: GraphIndex,
+    config: QuantConfig,
+    vetoed: dict[str, str],
+    quantized: set[str],
+) -> NodePlan | LeaveFloat:
+    """Check a node's declared roles against the graph and earlier decisions, then commit them."""
+    staged: dict[str, TensorPlan] = {}
+    outputs = {} if node.op_type in config.op_types_no_output_quantization else node_plan.outputs
+    entries = [(node.input, i, r, False) for i, r in node_plan.inputs.items()]
+    entries += [(node.output, i, r, True) for i, r in outputs.items()]
+    for names, i, role, is_output in entries:
+        if i >= len(names) or not names[i]:
+            continue  # optional input or output not present
+        name = names[i]
+        if name in vetoed:
+            return LeaveFloat(f"tensor {name!r}: {vetoed[name]}")
+        if not index.is_float(name):
+            return LeaveFloat(f"tensor {name!r} is not float32")
+        constant = index.is_constant(name)
+        if isinstance(role, Bias):
+            if not config.quantize_bias:
+                continue
+            bias_in, bias_w = node.input[role.input], node.input[role.weight]
+            if not constant:
+                continue  # a computed bias stays float; the kernel still runs integer math on the rest
+            tp = TensorPlan(name, role, None, True, node.name, bias_input=bias_in, bias_weight=bias_w)
+        elif isinstance(role, Weight):
+            if not constant:
+                return LeaveFloat(f"input {name!r} is not a constant, so it cannot be a quantized weight")
+            tp = TensorPlan(name, role, config.weight.with_axis(role.axis), True, node.name)
+        elif isinstance(role, SameAs):
+            source = node.input[role.input]
+            if source not in quantized and source not in staged:
+                return LeaveFloat(f"its input {source!r} is not quantized, so moving it in 8 bits gains nothing")
+            tp = TensorPlan(name, role, None, False, node.name, source=source)
+        else:
+            tp = TensorPlan(name, role, config.activation, constant, node.name)
+        existing = plan.tensors.get(name) or staged.get(name)
+        if existing is not None and not _compatible(existing, tp):
+            return LeaveFloat(
+                f"tensor {name!r} is already quantized differently for node {existing.node!r}"
+            )
+        if existing is None:
+            staged[name] = tp
+    bias_ok = all(
+        t.bias_input in (plan.tensors.keys() | staged.keys()) and t.bias_weight in (plan.tensors.keys() | staged.keys())
+        for t in staged.values()
+        if isinstance(t.role, Bias)
+    )
+    if not bias_ok:
+        staged = {k: t for k, t in staged.items() if not isinstance(t.role, Bias)}
+    plan.tensors.update(staged)
+    quantized.update(n for n, t in staged.items() if not t.constant and not isinstance(t.role, (Weight, Bias)))
+    return node_plan
+
+
+def _compatible(a: TensorPlan, b: TensorPlan) -> bool:
+    activation_like = (Activation, SameAs)
+    if isinstance(a.role, activation_like) and isinstance(b.role, Activation) and b.role.fixed_range is None:
+        return True  # a consumer reuses the Q/DQ already placed on its input
+    return type(a.role) is type(b.role) and a.role == b.role and a.spec == b.spec and a.source == b.source
+
+
+def _fold_activations(plan: QuantPlan, index: GraphIndex, foldable: dict[str, bool]) -> None:
+    for node in index.graph.node:
+        if not foldable.get(node.name) or not node.input or not node.output:
+            continue
+        tensor, out = node.input[0], node.output[0]
+        t, o = plan.tensors.get(tensor), plan.tensors.get(out)
+        if t is None or o is None or not isinstance(o.role, Activation) or o.role.fixed_range is not None:
+            continue
+        producer = index.producer.get(tensor)
+        if producer is None or producer.name not in plan.quantized_nodes:
+            continue
+        if not isinstance(t.role, Activation) or t.node != producer.name or t.role.fixed_range is not None:
+            continue
+        if len(index.consumers.get(tensor, [])) != 1 or tensor in index.graph_outputs:
+            continue
+        del plan.tensors[tensor]
+        plan.folded[tensor] = node.name

@@ -1,0 +1,171 @@
+"""Stage 4 (QDQ format): rewrite the float graph with QuantizeLinear/DequantizeLinear pairs.
+
+Activations get Q -> DQ right after their producer and every consumer reads the DQ output (one Q per
+tensor, so ONNX Runtime can fuse the producer into an integer kernel). Constants are stored quantized
+with a DQ in front. A quantized graph output keeps its name: the producer's output is renamed and the
+DQ writes the original name.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from .op_quantizer import Bias
+from .scheme import QuantParams, quantize_array
+
+if TYPE_CHECKING:
+    from .graph import GraphIndex
+    from .planner import QuantPlan
+
+__all__ = ["rewrite_qdq"]
+
+log = logging.getLogger(__name__)
+
+_INT32 = np.iinfo(np.int32)
+
+
+class _Names:
+    """Fresh tensor and node names that cannot collide with anything in the model."""
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        g = model.graph
+        self.used = {n.name for n in g.node}
+        self.used.update(x for n in g.node for x in (*n.input, *n.output))
+        self.used.update(i.name for i in g.initializer)
+        self.used.update(v.name for v in (*g.input, *g.output, *g.value_info))
+
+    def __call__(self, base: str) -> str:
+        name, k = base, 1
+        while name in self.used:
+            name, k = f"{base}_{k}", k + 1
+        self.used.add(name)
+        return name
+
+
+def rewrite_qdq(
+    model: onnx.ModelProto,
+    index: GraphIndex,
+    plan: QuantPlan,
+    params: dict[str, QuantParams],
+    bias_scales: dict[str, tuple[np.ndarray, int | None]],
+) -> onnx.ModelProto:
+    """Edit ``model`` (the pipeline's private copy) in place and return it."""
+    graph = model.graph
+    names = _Names(model)
+    replacement: dict[str, str] = {}  # float tensor -> its dequantized stand-in
+    head: list[onnx.NodeProto] = []  # DQs of constants and Q/DQ of graph inputs: first in the graph
+    after: dict[str, list[onnx.NodeProto]] = {}  # producer node name -> Q/DQ to place after it
+    renamed_outputs: dict[str, str] = {}
+
+    for name, tp in plan.tensors.items():
+        if isinstance(tp.role, Bias):
+            if name not in bias_scales:
+                continue
+            scale, axis = bias_scales[name]
+            values = index.constant_value(name).astype(np.float64)
+            head.append(_constant_dq(graph, names, name, _quantize_bias(values, scale, name), scale, None, axis))
+            replacement[name] = head[-1].output[0]
+            continue
+        p = params.get(name)
+        if p is None:
+            continue
+        if tp.constant:
+            values = index.constant_value(name)
+            q = quantize_array(values, p)
+            head.append(_constant_dq(graph, names, name, q, p.scale, p.zero_point, p.axis if p.per_channel else None))
+            replacement[name] = head[-1].output[0]
+            continue
+        scale = _add_init(graph, names(f"{name}_scale"), p.scale)
+        zero_point = _add_init(graph, names(f"{name}_zero_point"), p.zero_point)
+        source = name
+        if name in index.graph_outputs:
+            source = renamed_outputs[name] = names(f"{name}_float")
+        quantized = names(f"{name}_quantized")
+        dequantized = name if name in index.graph_outputs else names(f"{name}_dequantized")
+        pair = [
+            helper.make_node("QuantizeLinear", [source, scale, zero_point], [quantized], name=names(f"{name}_QuantizeLinear")),
+            helper.make_node("DequantizeLinear", [quantized, scale, zero_point], [dequantized], name=names(f"{name}_DequantizeLinear")),
+        ]
+        producer = index.producer.get(name)
+        if producer is None:
+            head.extend(pair)
+        else:
+            after.setdefault(producer.name, []).extend(pair)
+        replacement[name] = dequantized
+
+    nodes = list(graph.node)
+    del graph.node[:]
+    graph.node.extend(head)
+    for node in nodes:
+        for i, tensor in enumerate(node.input):
+            if tensor in replacement and tensor not in renamed_outputs:
+                node.input[i] = replacement[tensor]
+        for i, tensor in enumerate(node.output):
+            if tensor in renamed_outputs:
+                node.output[i] = renamed_outputs[tensor]
+        graph.node.append(node)
+        graph.node.extend(after.get(node.name, []))
+    _drop_unused_constants(graph)
+    return model
+
+
+def _quantize_bias(values: np.ndarray, scale: np.ndarray, name: str) -> np.ndarray:
+    q = np.rint(values / scale.astype(np.float64))
+    if np.any(q > _INT32.max) or np.any(q < _INT32.min):
+        log.warning("bias %r overflows int32 at its scale (input scale x weight scale); clipping it", name)
+    return np.clip(q, _INT32.min, _INT32.max).astype(np.int32)
+
+
+def _add_init(graph: onnx.GraphProto, name: str, value: np.ndarray) -> str:
+    graph.initializer.append(numpy_helper.from_array(np.asarray(value), name))
+    return name
+
+
+def _constant_dq(
+    graph: onnx.GraphProto,
+    names: _Names,
+    name: str,
+    q: np.ndarray,
+    scale: np.ndarray,
+    zero_point: np.ndarray | None,
+    axis: int | None,
+) -> onnx.NodeProto:
+    q_name = _add_init(graph, names(f"{name}_quantized"), q)
+    s_name = _add_init(graph, names(f"{name}_scale"), scale)
+    if zero_point is None:
+        zero_point = np.zeros(scale.shape, dtype=q.dtype)
+    zp_name = _add_init(graph, names(f"{name}_zero_point"), zero_point)
+    attrs = {"axis": axis} if axis is not None else {}
+    return helper.make_node(
+        "DequantizeLinear", [q_name, s_name, zp_name], [names(f"{name}_dequantized")],
+        name=names(f"{name}_DequantizeLinear"), **attrs,
+    )
+
+
+def _drop_unused_constants(graph: onnx.GraphProto) -> None:
+    """Remove float initializers (and Constant nodes) that every consumer now reads quantized."""
+    used = {x for n in graph.node for x in n.input} | {o.name for o in graph.output}
+    used |= _subgraph_references(graph)
+    keep = [i for i in graph.initializer if i.name in used or i.name in {v.name for v in graph.input}]
+    if len(keep) != len(graph.initializer):
+        del graph.initializer[:]
+        graph.initializer.extend(keep)
+    dead = [n for n in graph.node if n.op_type == "Constant" and not (set(n.output) & used)]
+    for node in dead:
+        graph.node.remove(node)
+
+
+def _subgraph_references(graph: onnx.GraphProto) -> set[str]:
+    names: set[str] = set()
+    for node in graph.node:
+        for attr in node.attribute:
+            subgraphs = [attr.g] if attr.HasField("g") else list(attr.graphs)
+            for sub in subgraphs:
+                names.update(x for n in sub.node for x in n.input)
+                names |= _subgraph_references(sub)
+    return names

@@ -1,0 +1,48 @@
+"""Activation functions after an integer kernel.
+
+Relu and Clip(0, x) fold into the producer's output quantizer (their own Q clamps exactly when its zero
+point is the type minimum), so Conv+Relu becomes one QLinearConv. LeakyRelu, Sigmoid and HardSigmoid
+get their own Q (QLinearLeakyRelu, QLinearSigmoid on the CPU).
+"""
+
+from __future__ import annotations
+
+import onnx
+
+from ortq import Activation, LeaveFloat, NodePlan, OpQuantizer, PlanContext, hookimpl
+
+_INPUT_FLOAT = "its input is not quantized, so there is no integer kernel to extend"
+
+
+class _QuantizedChainOp(OpQuantizer):
+    def plan(self, node: onnx.NodeProto, ctx: PlanContext) -> NodePlan | LeaveFloat:
+        if not ctx.is_quantized(node.input[0]):
+            return LeaveFloat(_INPUT_FLOAT)
+        return NodePlan(inputs={0: Activation()}, outputs={0: Activation()})
+
+
+class ReluQuantizer(_QuantizedChainOp):
+    op_types = ("Relu",)
+    folds_into_producer = True
+
+
+class ClipQuantizer(_QuantizedChainOp):
+    op_types = ("Clip",)
+
+    def can_fold(self, node: onnx.NodeProto, ctx: PlanContext) -> bool:
+        """Only a clamp at exactly zero is what a zero point at the type minimum performs."""
+        if len(node.input) > 1 and node.input[1]:
+            low = ctx.index.constant_value(node.input[1])
+            return low is not None and low.size == 1 and float(low) == 0.0
+        return float(ctx.attribute(node, "min", float("-inf"))) == 0.0
+
+
+class PointwiseActivationQuantizer(_QuantizedChainOp):
+    op_types = ("LeakyRelu", "Sigmoid", "HardSigmoid")
+
+
+@hookimpl
+def ortq_register_op_quantizers(register):
+    register(ReluQuantizer)
+    register(ClipQuantizer)
+    register(PointwiseActivationQuantizer)

@@ -1,0 +1,85 @@
+"""Ops that only move or select values: the output carries exactly the input's scale and zero point.
+
+ONNX Runtime drops the Q/DQ around these and runs them on 8-bit data, but only when the scales and zero
+points match exactly, which :class:`ortq.SameAs` guarantees.
+"""
+
+from __future__ import annotations
+
+import onnx
+
+from ortq import Activation, LeaveFloat, NodePlan, OpQuantizer, PlanContext, SameAs, hookimpl
+
+
+class DataMovementQuantizer(OpQuantizer):
+    op_types = (
+        "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Slice", "Expand", "Tile",
+        "Identity",
+    )
+
+    def plan(self, node: onnx.NodeProto, ctx: PlanContext) -> NodePlan | LeaveFloat:
+        return NodePlan(outputs={0: SameAs(0)})
+
+
+class SplitQuantizer(OpQuantizer):
+    op_types = ("Split",)
+
+    def plan(self, node: onnx.NodeProto, ctx: PlanContext) -> NodePlan | LeaveFloat:
+        return NodePlan(outputs={i: SameAs(0) for i in range(len(node.output))})
+
+
+class GatherQuantizer(OpQuantizer):
+    op_types = ("Gather",)
+
+    def plan(self, node: onnx.NodeProto, ctx: PlanContext) -> NodePlan | LeaveFloat:
+        if ctx.is_constant(node.input[0]):
+            return LeaveFloat("gathering from a constant table (an embedding) would dequantize all of it per run")
+        return NodePlan(outputs={0: SameAs(0)})
+
+
+class ResizeQuantizer(OpQuantizer):
+    """Nearest and linear interpolation stay within the input's range; cubic can overshoot it."""
+
+    op_types = ("Resize",)
+
+    def plan(self, node: onnx.NodeProto, ctx: PlanContext) -> NodePlan | LeaveFloat:
+        mode = ctx.attribute(node, "mode", b"nearest")
+        mode = mode.decode() if isinstance(mode, bytes) else str(mode)
+        if mode == "cubic":
+            if not ctx.is_quantized(node.input[0]):
+                return LeaveFloat("its input is not quantized")
+            return NodePlan(inputs={0: Activation()}, outputs={0: Activation()})
+        return NodePlan(outputs={0: SameAs(0)})
+
+
+class PadQuantizer(OpQuantizer):
+    """Zero (or edge/reflect) padding adds no new values; a non-zero constant may lie outside the range."""
+
+    op_types = ("Pad",)
+
+    def plan(self, node: onnx.NodeProto, ctx: PlanContext) -> NodePlan | LeaveFloat:
+        mode = ctx.attribute(node, "mode", b"constant")
+        mode = mode.decode() if isinstance(mode, bytes) else str(mode)
+        value = 0.0
+        if mode == "constant":
+            if len(node.input) > 2 and node.input[2]:
+                const = ctx.index.constant_value(node.input[2])
+                if const is None:
+                    return LeaveFloat("its pad value is computed at run time")
+                value = float(const.reshape(-1)[0]) if const.size else 0.0
+            else:
+                value = float(ctx.attribute(node, "value", 0.0))
+        if value == 0.0:
+            return NodePlan(outputs={0: SameAs(0)})
+        if not ctx.is_quantized(node.input[0]):
+            return LeaveFloat("its input is not quantized")
+        return NodePlan(inputs={0: Activation()}, outputs={0: Activation()})
+
+
+@hookimpl
+def ortq_register_op_quantizers(register):
+    register(DataMovementQuantizer)
+    register(SplitQuantizer)
+    register(GatherQuantizer)
+    register(ResizeQuantizer)
+    register(PadQuantizer)
