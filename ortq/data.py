@@ -244,3 +244,24 @@ def _validate(feed: dict[str, np.ndarray], inputs: list[InputSpec], index: int) 
 
 def _fmt(shape: tuple[int | None, ...]) -> str:
     return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
+
+
+def count_samples(source: Any, max_samples: int | None = None) -> int | None:
+    """Best-effort sample count for a progress bar; None when only reading everything would tell."""
+    total: int | None = None
+    try:
+        path = Path(source)
+        if path.is_file() and path.suffix == ".npz":
+            with np.load(path, allow_pickle=False) as data:
+                first = data.files[0] if data.files else None
+                total = int(data[first].shape[0]) if first is not None else 0
+        elif path.is_dir():
+            npz = list(path.glob("*.npz"))
+            npy = list(path.glob("*.npy"))
+            if npy and not npz:
+                total = int(np.load(npy[0], mmap_mode="r", allow_pickle=False).shape[0])
+    except (TypeError, OSError, ValueError, IndexError):
+        return None
+    if total is not None and max_samples is not None:
+        total = min(total, max_samples)
+    return total

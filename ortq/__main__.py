@@ -1,0 +1,3 @@
+from ortq.cli import main
+
+main()

@@ -1,0 +1,200 @@
+"""The ``ortq`` command line. The only place that reads environment switches, prints, or exits.
+
+Environment (CLI only, never the library, so an embedding SDK cannot pick them up by accident):
+``ORTQ_DISABLE_PLUGIN_AUTOLOAD=1`` skips entry-point plugins; ``ORTQ_PLUGINS=a,b`` loads only those
+entry points.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .errors import OrtqError
+from .toolkit import Toolkit
+
+__all__ = ["main", "build_cli"]
+
+log = logging.getLogger("ortq")
+
+_TYPES = click.Choice(["uint8", "int8", "uint16", "int16"], case_sensitive=False)
+
+
+class _Group(click.Group):
+    """Turns ortq's own errors into one line and a non-zero exit; ``--verbose`` adds the traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
+            raise
+        except OrtqError as exc:
+            _fail(ctx, f"Error: {exc}", exc)
+        except Exception as exc:  # a bug: still one line unless --verbose
+            _fail(ctx, f"Error: internal error ({type(exc).__name__}: {exc}); rerun with --verbose for the traceback", exc)
+
+
+def _fail(ctx: click.Context, message: str, exc: BaseException) -> None:
+    if (ctx.obj or {}).get("verbose"):
+        traceback.print_exception(exc, file=sys.stderr)
+    click.echo(message, err=True)
+    ctx.exit(1)
+
+
+def _csv(value: str | None) -> list[str] | None:
+    return [v.strip() for v in value.split(",") if v.strip()] if value else None
+
+
+def _key_values(pairs: tuple[str, ...]) -> dict[str, str]:
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"expected key=value, got {pair!r}")
+        options[key.strip()] = value.strip()
+    return options
+
+
+def build_cli(toolkit: Toolkit) -> click.Group:
+    """The command group for ``toolkit``, with plugin commands added through ``ortq_register_commands``."""
+
+    @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+    @click.option("-v", "--verbose", is_flag=True, help="Debug logging and tracebacks on errors.")
+    @click.version_option(package_name="ortq")
+    @click.pass_context
+    def cli(ctx: click.Context, verbose: bool) -> None:
+        """Post-training quantization for ONNX models."""
+        ctx.obj = {"verbose": verbose, "toolkit": toolkit}
+        logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(levelname)s: %(message)s")
+
+    @cli.command()
+    @click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+    @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Quantized model to write.")
+    @click.option("-d", "--calibration-data", required=True, type=click.Path(path_type=Path),
+                  help=".npz file, or folder of <input>.npy / *.npz / sample folders of .npy or .pb tensors.")
+    @click.option("-t", "--target", default="cpu", show_default=True, help="Target backend (see `ortq plugins`).")
+    @click.option("--calibrate-method", default=None, help="Calibrator name (default: the target's).")
+    @click.option("--calibrator-option", multiple=True, metavar="KEY=VALUE", help="Option for the calibrator; repeatable.")
+    @click.option("--activation-type", type=_TYPES, default=None)
+    @click.option("--weight-type", type=_TYPES, default=None)
+    @click.option("--per-channel/--per-tensor", default=None, help="Weight granularity (default: the target's).")
+    @click.option("--activation-symmetric/--activation-asymmetric", default=None)
+    @click.option("--weight-symmetric/--weight-asymmetric", default=None)
+    @click.option("--reduce-range/--no-reduce-range", default=None, help="7-bit weights for CPUs without VNNI.")
+    @click.option("--op-types", default=None, help="Comma-separated op types to quantize (default: the target's).")
+    @click.option("--nodes-to-quantize", default=None, help="Comma-separated node names: quantize only these.")
+    @click.option("--nodes-to-exclude", default=None, help="Comma-separated node names to keep in float.")
+    @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Calibration batch size for dynamic batch axes.")
+    @click.option("--max-samples", type=click.IntRange(min=1), default=None)
+    @click.option("--extreme-range", type=float, default=None, help="Keep float any tensor whose |range| exceeds this.")
+    @click.option("--verify/--no-verify", default=True, show_default=True, help="Compare with the float model on calibration samples.")
+    @click.pass_context
+    def quantize(ctx: click.Context, model: Path, output: Path, calibration_data: Path, target: str, calibrate_method: str | None,
+                 calibrator_option: tuple[str, ...], activation_type: str | None, weight_type: str | None, per_channel: bool | None,
+                 activation_symmetric: bool | None, weight_symmetric: bool | None, reduce_range: bool | None, op_types: str | None,
+                 nodes_to_quantize: str | None, nodes_to_exclude: str | None, batch_size: int | None, max_samples: int | None,
+                 extreme_range: float | None, verify: bool) -> None:
+        """Statically quantize MODEL to QDQ form using calibration data."""
+        from .data import count_samples
+
+        total = count_samples(calibration_data, max_samples)
+        with click.progressbar(length=total or 0, label="calibrating", file=sys.stderr, show_pos=True) as bar:
+            result = toolkit.quantize(
+                model, output, calibration_data=calibration_data, target=target, calibrate_method=calibrate_method,
+                calibrator_options=_key_values(calibrator_option) or None, activation_type=activation_type,
+                weight_type=weight_type, per_channel=per_channel, activation_symmetric=activation_symmetric,
+                weight_symmetric=weight_symmetric, reduce_range=reduce_range, op_types_to_quantize=_csv(op_types),
+                nodes_to_quantize=_csv(nodes_to_quantize), nodes_to_exclude=_csv(nodes_to_exclude), batch_size=batch_size,
+                max_samples=max_samples, extreme_range=extreme_range, verify=verify, progress=bar.update,
+            )
+        click.echo(result.summary())
+        click.echo(f"wrote {result.output}")
+        for path in result.artifacts:
+            click.echo(f"wrote {path}")
+
+    @cli.command()
+    @click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+    @click.option("-t", "--target", default="cpu", show_default=True)
+    @click.option("--per-channel/--per-tensor", default=None)
+    @click.option("--op-types", default=None, help="Comma-separated op types to quantize (default: the target's).")
+    @click.option("--all-nodes", is_flag=True, help="List every float node, not only a summary per reason.")
+    def info(model: Path, target: str, per_channel: bool | None, op_types: str | None, all_nodes: bool) -> None:
+        """Show MODEL's opset and ops, and what would be quantized for a target (and why not)."""
+        import onnx
+
+        from .data import model_inputs
+        from .model_io import load_model, model_opset
+
+        proto, _ = load_model(model)
+        click.echo(f"model: {model}")
+        click.echo(f"opset: {model_opset(proto)}, IR version {proto.ir_version}, producer {proto.producer_name or '?'}")
+        for spec in model_inputs(proto):
+            dims = "?" if spec.shape is None else "[" + ", ".join("?" if d is None else str(d) for d in spec.shape) + "]"
+            click.echo(f"input: {spec.name} {spec.dtype} {dims}")
+        for out in proto.graph.output:
+            click.echo(f"output: {out.name} {onnx.helper.tensor_dtype_to_np_dtype(out.type.tensor_type.elem_type)}")
+        histogram = collections.Counter(n.op_type for n in proto.graph.node)
+        click.echo("ops: " + ", ".join(f"{op} x{k}" for op, k in histogram.most_common()))
+        plan, config, _ = toolkit.plan(proto, target=target, per_channel=per_channel, op_types_to_quantize=_csv(op_types))
+        click.echo(
+            f"target {target}: {len(plan.quantized_nodes)} node(s) would be quantized "
+            f"({config.activation.qtype.value} activations, {config.weight.qtype.value} "
+            f"{'per-channel' if config.per_channel else 'per-tensor'} weights), {len(plan.float_nodes)} stay float"
+        )
+        if all_nodes:
+            for f in plan.float_nodes:
+                click.echo(f"  float: {f.name} ({f.op_type}): {f.reason}")
+        else:
+            grouped = collections.defaultdict(list)
+            for f in plan.float_nodes:
+                grouped[(f.op_type, f.reason)].append(f.name)
+            for (op_type, reason), names in sorted(grouped.items()):
+                more = f" (+{len(names) - 3} more)" if len(names) > 3 else ""
+                click.echo(f"  float {op_type} x{len(names)}: {reason} [{', '.join(names[:3])}{more}]")
+
+    @cli.command()
+    def plugins() -> None:
+        """List loaded plugins, where they come from, and what each registers."""
+        for info in toolkit.plugin_info.values():
+            click.echo(f"{info.name}  [{info.source}]")
+            if info.error:
+                click.echo(f"  error: {info.error}")
+            for kind, names in sorted(info.registered.items()):
+                click.echo(f"  {kind.replace('_', ' ')}: {', '.join(names)}")
+            if info.hooks:
+                click.echo(f"  hooks: {', '.join(info.hooks)}")
+        click.echo(f"targets: {', '.join(toolkit.backends.names())}")
+        click.echo(f"calibrators: {', '.join(toolkit.calibrators.names())}")
+
+    for impl in toolkit.pm.hook.ortq_register_commands.get_hookimpls():
+        try:
+            impl.function(cli=cli)
+        except Exception as exc:
+            raise OrtqError(f"plugin {impl.plugin_name!r} failed to add its commands: {exc!r}") from exc
+    return cli
+
+
+def _toolkit_from_environment() -> Toolkit:
+    autoload = os.environ.get("ORTQ_DISABLE_PLUGIN_AUTOLOAD", "").lower() not in {"1", "true", "yes"}
+    only = _csv(os.environ.get("ORTQ_PLUGINS"))
+    return Toolkit(autoload=autoload, only_entry_points=only)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point."""
+    verbose = "-v" in (argv or sys.argv[1:]) or "--verbose" in (argv or sys.argv[1:])
+    try:
+        cli = build_cli(_toolkit_from_environment())
+    except OrtqError as exc:
+        if verbose:
+            traceback.print_exc()
+        click.echo(f"Error: {exc}", err=True)
+        sys.exit(1)
+    cli.main(args=argv, prog_name="ortq")
