@@ -20,16 +20,19 @@ class Backend:
     """Base class for target backends, registered by their lowercase ``name`` (``--target NAME``).
 
     ``default_config`` is the scheme the target runs best; the user's explicit options override it.
-    ``default_op_types`` are the ops worth quantizing for this target; ``leave_float`` vetoes single nodes
-    (returning the reason); ``export`` writes whatever the target needs beside the model.
+    ``excluded_op_types`` are ops the target runs slower (or no faster) quantized; every other op with a
+    registered op quantizer, third-party ones included, is quantized by default. A target that supports
+    only a few ops sets ``default_op_types`` instead. ``leave_float`` vetoes single nodes (returning the
+    reason); ``export`` writes whatever the target needs beside the model.
     """
 
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
     default_op_types: ClassVar[frozenset[str] | None] = None
+    excluded_op_types: ClassVar[frozenset[str]] = frozenset()
 
     def default_config(self) -> QuantConfig:
-        return QuantConfig(op_types=self.default_op_types)
+        return QuantConfig(op_types=self.default_op_types, excluded_op_types=self.excluded_op_types)
 
     def leave_float(self, node: onnx.NodeProto, ctx: PlanContext) -> str | None:
         return None

@@ -20,6 +20,8 @@ class QuantConfig:
     quantize_bias: bool = True
     matmul_const_b_only: bool = True
     op_types: frozenset[str] | None = None
+    #: The target's slow-when-quantized ops; ignored when ``op_types`` is given explicitly.
+    excluded_op_types: frozenset[str] = frozenset()
     nodes_to_quantize: frozenset[str] | None = None
     nodes_to_exclude: frozenset[str] = frozenset()
     #: Output types whose Q is skipped (ONNX Runtime's OpTypesToExcludeOutputQuantization).

@@ -94,6 +94,7 @@ def resolve_config(backend: Backend, **overrides: Any) -> QuantConfig:
     config.extreme_range = float(_pick(overrides.get("extreme_range"), config.extreme_range))
     if overrides.get("op_types_to_quantize"):
         config.op_types = frozenset(overrides["op_types_to_quantize"])
+        config.excluded_op_types = frozenset()
     if overrides.get("nodes_to_quantize"):
         config.nodes_to_quantize = frozenset(overrides["nodes_to_quantize"])
     if overrides.get("nodes_to_exclude"):

@@ -88,6 +88,7 @@ def make_plan(
     for node in index.graph.node:
         result = _plan_node(toolkit, node, ctx, config, backend, instances)
         if isinstance(result, NodePlan):
+            _check_indices(toolkit, node, result)
             result = _admit(node, result, plan, index, config, vetoed, quantized)
         if isinstance(result, LeaveFloat):
             plan.float_nodes.append(FloatNode(node.name, node.op_type, result.reason))
@@ -111,6 +112,11 @@ def _plan_node(toolkit, node, ctx, config, backend, instances) -> NodePlan | Lea
         return LeaveFloat(f"no op quantizer is registered for {node.op_type}")
     if config.op_types is not None and node.op_type not in config.op_types:
         return LeaveFloat(f"{node.op_type} is not in the op types selected for target {backend.name!r}")
+    if node.op_type in config.excluded_op_types:
+        return LeaveFloat(
+            f"target {backend.name!r} runs {node.op_type} no faster quantized (no integer kernel, or a slower one); "
+            "name it in op_types_to_quantize to quantize it anyway"
+        )
     try:
         veto = backend.leave_float(node, ctx)
     except OrtqError:
@@ -134,6 +140,24 @@ def _plan_node(toolkit, node, ctx, config, backend, instances) -> NodePlan | Lea
     if not isinstance(result, (NodePlan, LeaveFloat)):
         raise PluginError(f"op quantizer {cls.__name__} returned {result!r} for node {node_label(node)}")
     return result
+
+
+def _check_indices(toolkit: Toolkit, node: onnx.NodeProto, node_plan: NodePlan) -> None:
+    """A role referring to an input the node does not have is the plugin's bug: say whose.
+
+    Roles on absent inputs or outputs themselves are fine: ONNX inputs such as a bias are optional.
+    """
+    bad: list[str] = []
+    for role in (*node_plan.inputs.values(), *node_plan.outputs.values()):
+        refs = [role.input] if isinstance(role, SameAs) else [role.input, role.weight] if isinstance(role, Bias) else []
+        bad += [f"input {i} (in {role})" for i in refs if not 0 <= i < len(node.input)]
+    if bad:
+        cls = toolkit.op_quantizer_for(node.op_type, node.domain)
+        plugin = toolkit.plugin_of(toolkit.op_quantizers, _key(node))
+        raise PluginError(
+            f"op quantizer {cls.__name__} (plugin {plugin!r}) planned {', '.join(bad)} of node {node_label(node)}, "
+            f"which has {len(node.input)} input(s) and {len(node.output)} output(s)"
+        )
 
 
 def _key(node: onnx.NodeProto) -> str:

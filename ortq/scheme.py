@@ -166,13 +166,14 @@ def params_from_range(
 
 def quantize_array(values: np.ndarray, params: QuantParams) -> np.ndarray:
     """Quantize ``values`` exactly as ONNX QuantizeLinear does (round half to even, saturate)."""
-    scale, zero_point = params.scale.astype(np.float64), params.zero_point.astype(np.int64)
+    # float32 division, as ONNX Runtime's kernel does: float64 would round differently near .5 for 16-bit.
+    scale, zero_point = params.scale, params.zero_point.astype(np.int64)
     if params.per_channel:
         shape = [1] * values.ndim
         shape[params.axis] = -1
         scale, zero_point = scale.reshape(shape), zero_point.reshape(shape)
     info = np.iinfo(params.qtype.numpy_dtype)
-    q = np.rint(values.astype(np.float64) / scale) + zero_point
+    q = np.rint(values.astype(np.float32) / scale).astype(np.float64) + zero_point
     return np.clip(q, info.min, info.max).astype(params.qtype.numpy_dtype)
 
 
