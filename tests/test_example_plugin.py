@@ -32,8 +32,6 @@ INSTALLED = importlib.util.find_spec("ortq_pixel_shuffle") is not None
 EXAMPLE_SRC = Path(__file__).resolve().parents[1] / "examples" / "ortq-example-plugin" / "src"
 PLUGIN_NAME = "pixel_shuffle"
 DIST_NAME = "ortq-pixel-shuffle"
-# The cpu target's default op list does not include DepthToSpace, and op_types_to_quantize replaces it.
-SR_OP_TYPES = ["Conv", "Relu", "DepthToSpace", "SpaceToDepth"]
 
 
 @pytest.fixture
@@ -119,7 +117,7 @@ def test_quantized_super_resolution_model_keeps_accuracy(plugin_module: ModuleTy
     rng = np.random.default_rng(1)
     calib = rng.normal(0.0, 1.0, (32, 3, 8, 8)).astype(np.float32)
     toolkit = ortq.Toolkit(plugins=[plugin_module], autoload=False)
-    result = toolkit.quantize(model, None, calibration_data={"x": calib}, op_types_to_quantize=SR_OP_TYPES)
+    result = toolkit.quantize(model, None, calibration_data={"x": calib})
 
     assert result.plan.quantized_nodes.get("pixel_shuffle") == "DepthToSpace"
     assert not result.plan.float_nodes
@@ -139,7 +137,7 @@ def test_without_the_plugin_the_shuffle_stays_float() -> None:
     model = _super_resolution_model()
     calib = np.random.default_rng(1).normal(0.0, 1.0, (16, 3, 8, 8)).astype(np.float32)
     result = ortq.Toolkit(autoload=False).quantize(
-        model, None, calibration_data={"x": calib}, op_types_to_quantize=SR_OP_TYPES
+        model, None, calibration_data={"x": calib}
     )
     assert "pixel_shuffle" not in result.plan.quantized_nodes
     reasons = {f.name: f.reason for f in result.plan.float_nodes}
@@ -157,7 +155,7 @@ def test_shuffle_of_a_float_input_stays_float(plugin_module: ModuleType, op_type
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape)],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    plan, _, _ = ortq.Toolkit(plugins=[plugin_module], autoload=False).plan(model, op_types_to_quantize=SR_OP_TYPES)
+    plan, _, _ = ortq.Toolkit(plugins=[plugin_module], autoload=False).plan(model)
     assert not plan.quantized_nodes
     assert "not quantized" in plan.float_nodes[0].reason
 
