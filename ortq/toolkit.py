@@ -102,43 +102,40 @@ class Toolkit:
         return self._guarded(name or _plugin_name(plugin), source, lambda: plugin)
 
     def _guarded(self, name: str, source: str, load: Callable[[], object]) -> str | None:
+        """Load, register and collect one plugin; any failure is reported with its name and source."""
+        info = PluginInfo(name, source)
+        prefix = f"plugin {name!r} ({source})"
         try:
             plugin = load()
         except Exception as exc:
-            return self._plugin_failed(PluginInfo(name, source), f"failed to load: {exc!r}", exc)
-        info = PluginInfo(name, source)
+            return self._plugin_failed(info, f"{prefix} failed to load: {exc!r}", exc)
         try:
             self.pm.register(plugin, name=name)
             self.pm.check_pending()
         except Exception as exc:
             if self.pm.is_registered(plugin):
                 self.pm.unregister(plugin)
-            return self._plugin_failed(info, f"is not a valid ortq plugin: {exc}", exc)
-        info.hooks = sorted(impl_name for impl_name in _hook_names(self.pm, plugin))
-        self.plugin_info[name] = info
+            return self._plugin_failed(info, f"{prefix} is not a valid ortq plugin: {exc}", exc)
+        info.hooks = sorted(_hook_names(self.pm, plugin))
         try:
-            self._collect(plugin, info)
+            self._collect(plugin, info, prefix)
         except Exception as exc:
             for registry in (self.op_quantizers, self.calibrators, self.backends):
                 registry.remove_plugin(name)
             self.pm.unregister(plugin)
-            del self.plugin_info[name]
-            return self._plugin_failed(info, str(exc) if isinstance(exc, PluginError) else f"{exc!r}", exc)
+            return self._plugin_failed(info, str(exc) if isinstance(exc, PluginError) else f"{prefix}: {exc!r}", exc)
+        self.plugin_info[name] = info
         return name
 
     def _plugin_failed(self, info: PluginInfo, message: str, exc: Exception) -> None:
-        if isinstance(exc, PluginError) and str(exc) == message:
-            text = message
-        else:
-            text = f"plugin {info.name!r} ({info.source}) {message}"
         if self.on_plugin_error == "raise":
-            raise PluginError(text) from exc
-        log.warning("skipping broken plugin: %s", text)
-        info.error = text
+            raise PluginError(message) from exc
+        log.warning("skipping broken plugin: %s", message)
+        info.error = message
         self.plugin_info[info.name] = info
         return None
 
-    def _collect(self, plugin: object, info: PluginInfo) -> None:
+    def _collect(self, plugin: object, info: PluginInfo, prefix: str) -> None:
         """Call this plugin's registration hooks one by one, attributing every entry to it."""
         for hook_name, attr in _REGISTRATION_HOOKS.items():
             for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
@@ -157,9 +154,7 @@ class Toolkit:
                 except PluginError:
                     raise
                 except Exception as exc:
-                    raise PluginError(
-                        f"plugin {info.name!r} ({info.source}) raised in {hook_name}: {exc!r}"
-                    ) from exc
+                    raise PluginError(f"{prefix} raised in {hook_name}: {exc!r}") from exc
                 if names:
                     info.registered.setdefault(attr, []).extend(names)
 
