@@ -8,7 +8,7 @@ memory at one batch of activations (see ``custom_ops/observers.py``).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 import numpy as np
@@ -35,6 +35,10 @@ class CalibrationResult:
     statistics: dict[str, "Statistic"]
     batches: int
     samples: int
+    #: The first batches' feeds and float outputs, kept for verification: observers do not change values,
+    #: so the observed model's outputs are the float model's and verification need not run it again.
+    kept_feeds: list[dict[str, np.ndarray]] = field(default_factory=list)
+    kept_outputs: list[dict[str, np.ndarray]] = field(default_factory=list)
 
 
 def build_observed_model(
@@ -93,8 +97,12 @@ def run_calibration(
     providers: Sequence[Any] | None = None,
     session_options: "ort.SessionOptions | None" = None,
     progress: Progress | None = None,
+    keep_samples: int = 0,
 ) -> CalibrationResult:
-    """Feed every batch through the observed model and return one statistic per tensor."""
+    """Feed every batch through the observed model and return one statistic per tensor.
+
+    The first ``keep_samples`` samples' feeds and outputs are kept in the result for verification.
+    """
     import onnxruntime as ort
 
     from ortq.custom_ops.observers import ObserverSink, library_path
@@ -114,28 +122,31 @@ def run_calibration(
         )
     except Exception as exc:
         raise CalibrationError(f"ONNX Runtime cannot load the model for calibration: {exc}") from None
-    fetch = None  # all outputs: ONNX Runtime then runs every node, observers included
-    n_batches = n_samples = 0
+    fetch = [o.name for o in model.graph.output]  # ONNX Runtime runs every node, sinks included
+    result = CalibrationResult(statistics, 0, 0)
     with sink:
         for feed in batches:
             try:
-                session.run(fetch, feed)
+                outputs = session.run(fetch, feed)
             except OrtqError:
                 raise
             except Exception as exc:
-                raise CalibrationError(f"calibration batch {n_batches}: ONNX Runtime failed: {exc}") from None
+                raise CalibrationError(f"calibration batch {result.batches}: ONNX Runtime failed: {exc}") from None
             if sink.error is not None:
                 tensor, exc = sink.error
                 raise CalibrationError(
-                    f"observer for tensor {tensor!r} failed on calibration batch {n_batches}: {exc!r}"
+                    f"observer for tensor {tensor!r} failed on calibration batch {result.batches}: {exc!r}"
                 ) from exc
-            n_batches += 1
-            n_samples += _batch_size(feed)
+            if result.samples < keep_samples:
+                result.kept_feeds.append(feed)
+                result.kept_outputs.append(dict(zip(fetch, outputs)))
+            result.batches += 1
+            result.samples += _batch_size(feed)
             if progress is not None:
                 progress(_batch_size(feed))
-    if n_batches == 0:
+    if result.batches == 0:
         raise CalibrationError("the calibration data produced no batches")
-    return CalibrationResult(statistics, n_batches, n_samples)
+    return result
 
 
 def _batch_size(feed: dict[str, np.ndarray]) -> int:

@@ -9,7 +9,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 import onnx
@@ -119,8 +119,7 @@ def _prepare(toolkit: Toolkit, model: Any, target: str, overrides: dict[str, Any
     config = resolve_config(backend, **overrides)
     proto, source = load_model(model)
     label = str(source) if source else "model"
-    float_model = onnx.ModelProto()
-    float_model.CopyFrom(proto)
+    float_bytes = proto.ByteSize()
     proto = upgrade_opset(proto, max(10, config.required_opset), label)
     if model_opset(proto) >= 21 and proto.ir_version < 10:
         proto.ir_version = 10
@@ -131,7 +130,7 @@ def _prepare(toolkit: Toolkit, model: Any, target: str, overrides: dict[str, Any
         proto = onnx.shape_inference.infer_shapes(proto)
     except Exception as exc:  # shape inference is a help, never a requirement
         log.warning("%s: shape inference failed (%s); tensors of unknown type stay float", label, exc)
-    return backend, config, proto, float_model, label
+    return backend, config, proto, float_bytes, label
 
 
 def _name_nodes(model: onnx.ModelProto) -> None:
@@ -183,20 +182,17 @@ def quantize(
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     out = check_output_path(output) if output is not None else None
-    backend, config, proto, float_model, label = _prepare(toolkit, model, target, overrides)
+    backend, config, proto, float_bytes, label = _prepare(toolkit, model, target, overrides)
     calibrator = toolkit.calibrator(config.calibrator, **config.calibrator_options)
     index = GraphIndex(proto)
     plan = make_plan(toolkit, index, config, backend)
     timings["plan"] = time.perf_counter() - t0
 
     t1 = time.perf_counter()
-    inputs = model_inputs(proto)
-    kept: list[dict[str, np.ndarray]] = []
-    batches = _keep_first(iter_batches(calibration_data, inputs, batch_size, max_samples), kept, verify_samples if verify else 0)
-    observed = plan.observed_tensors()
+    batches = iter_batches(calibration_data, model_inputs(proto), batch_size, max_samples)
     calibration = run_calibration(
-        proto, index, observed, calibrator, batches,
-        providers=providers, session_options=session_options, progress=progress,
+        proto, index, plan.observed_tensors(), calibrator, batches, providers=providers,
+        session_options=session_options, progress=progress, keep_samples=verify_samples if verify else 0,
     )
     ranges = _ranges(calibrator, calibration.statistics, plan)
     timings["calibrate"] = time.perf_counter() - t1
@@ -218,7 +214,10 @@ def quantize(
     timings["rewrite"] = time.perf_counter() - t2
 
     t3 = time.perf_counter()
-    report = verify_model(float_model, proto, kept, providers) if verify else VerificationReport()
+    report = (
+        verify_model(proto, calibration.kept_feeds, calibration.kept_outputs, providers)
+        if verify else VerificationReport()
+    )
     low = report.min_sqnr_db
     if low is not None and low < LOW_SQNR_DB:
         log.warning(
@@ -230,7 +229,7 @@ def quantize(
     result = QuantizationResult(
         model=proto, output=out, target=backend.name, config=config, plan=plan, ranges=ranges, params=params,
         vetoes=vetoes, calibration_batches=calibration.batches, calibration_samples=calibration.samples,
-        verification=report, float_bytes=float_model.ByteSize(), quantized_bytes=proto.ByteSize(), seconds=timings,
+        verification=report, float_bytes=float_bytes, quantized_bytes=proto.ByteSize(), seconds=timings,
     )
     if out is not None:
         save_model_atomic(proto, out)
@@ -243,18 +242,6 @@ _OVERRIDES = {
     "quantize_bias", "matmul_const_b_only", "op_types_to_quantize", "nodes_to_quantize", "nodes_to_exclude",
     "op_types_no_output_quantization", "calibrate_method", "calibrator_options", "extreme_range",
 }
-
-
-def _keep_first(
-    batches: Iterable[dict[str, np.ndarray]], kept: list[dict[str, np.ndarray]], samples: int
-) -> Iterable[dict[str, np.ndarray]]:
-    """Pass batches through, keeping the first ``samples`` samples for verification."""
-    held = 0
-    for feed in batches:
-        if held < samples:
-            kept.append(feed)
-            held += int(next(iter(feed.values())).shape[0]) if feed else 0
-        yield feed
 
 
 def _ranges(calibrator, statistics, plan: QuantPlan) -> dict[str, tuple[float, float]]:  # noqa: ANN001

@@ -48,39 +48,35 @@ def make_session(model: onnx.ModelProto, providers: Sequence[Any] | None = None,
 
 
 def verify_model(
-    float_model: onnx.ModelProto,
     quantized: onnx.ModelProto,
     feeds: list[dict[str, np.ndarray]],
+    reference: list[dict[str, np.ndarray]],
     providers: Sequence[Any] | None = None,
 ) -> VerificationReport:
-    """Check the quantized model and compare its outputs with the float model's on ``feeds``."""
+    """Check the quantized model and compare its outputs on ``feeds`` with the float ``reference`` outputs."""
     try:
         onnx.checker.check_model(quantized, full_check=True)
     except onnx.checker.ValidationError as exc:
         raise VerificationError(f"the quantized model fails onnx.checker: {str(exc).strip().splitlines()[0]}") from None
     try:
-        q_session = make_session(quantized, providers)
+        session = make_session(quantized, providers)
     except Exception as exc:
         raise VerificationError(f"ONNX Runtime cannot load the quantized model: {exc}") from None
     report = VerificationReport()
     if not feeds:
         return report
-    f_session = make_session(float_model, providers)
-    names = [o.name for o in f_session.get_outputs()]
-    ref: dict[str, list[np.ndarray]] = {n: [] for n in names}
-    act: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    names = [n for n in reference[0] if np.asarray(reference[0][n]).dtype.kind == "f"]
+    actual: dict[str, list[np.ndarray]] = {n: [] for n in names}
     for feed in feeds:
-        for n, r, a in zip(names, f_session.run(names, feed), q_session.run(names, feed)):
-            ref[n].append(np.asarray(r))
-            act[n].append(np.asarray(a))
-        report.samples += int(next(iter(feed.values())).shape[0]) if feeds else 0
+        for n, value in zip(names, session.run(names, feed)):
+            actual[n].append(np.asarray(value))
+        report.samples += int(next(iter(feed.values())).shape[0])
     for n in names:
-        if not ref[n] or np.asarray(ref[n][0]).dtype.kind != "f":
-            continue
-        r = np.concatenate([x.reshape(-1) for x in ref[n]])
-        a = np.concatenate([x.reshape(-1) for x in act[n]])
-        rows_r = [x.reshape(-1, x.shape[-1]) for x in ref[n] if x.ndim >= 2]
-        rows_a = [x.reshape(-1, x.shape[-1]) for x in act[n] if x.ndim >= 2]
+        ref, act = [np.asarray(r[n]) for r in reference], actual[n]
+        flat_r = np.concatenate([x.reshape(-1) for x in ref])
+        flat_a = np.concatenate([x.reshape(-1) for x in act])
+        rows_r = [x.reshape(-1, x.shape[-1]) for x in ref if x.ndim >= 2]
+        rows_a = [x.reshape(-1, x.shape[-1]) for x in act if x.ndim >= 2]
         top1 = top1_agreement(np.concatenate(rows_r), np.concatenate(rows_a)) if rows_r else None
-        report.outputs.append(OutputComparison(n, sqnr_db(r, a), max_abs_error(r, a), top1))
+        report.outputs.append(OutputComparison(n, sqnr_db(flat_r, flat_a), max_abs_error(flat_r, flat_a), top1))
     return report
