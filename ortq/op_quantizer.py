@@ -112,12 +112,15 @@ class OpQuantizer:
 
     Subclasses implement :meth:`plan`. ``folds_into_producer`` marks activation functions (ReLU, Clip
     at 0) whose clamp a preceding integer kernel's output quantizer performs exactly, so the producer's
-    own output needs no Q/DQ and ONNX Runtime fuses the pair.
+    own output needs no Q/DQ and ONNX Runtime fuses the pair. ``float_output_ok`` marks ops whose
+    integer kernel can write a float output (MatMul -> MatMulIntegerToFloat): when every consumer of
+    their output stays float, the output's Q/DQ is dropped instead of adding error for nothing.
     """
 
     op_types: ClassVar[tuple[str, ...]] = ()
     domain: ClassVar[str] = ""
     folds_into_producer: ClassVar[bool] = False
+    float_output_ok: ClassVar[bool] = False
 
     def plan(self, node: onnx.NodeProto, ctx: PlanContext) -> NodePlan | LeaveFloat:
         raise NotImplementedError

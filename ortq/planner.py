@@ -8,6 +8,10 @@ anything is calibrated. Graph-wide rules live here, not in the op quantizers:
 - ReLU/Clip(0, x) after an integer kernel is folded: the producer's output gets no Q/DQ and the activation's
   own output quantizer (zero point at the type minimum) clamps exactly, so ONNX Runtime fuses the
   producer, the activation and the Q into one integer kernel;
+- a quantized tensor that only float nodes read loses its Q/DQ when that costs no integer kernel: a
+  data-movement op feeding only float ops goes back to float, and a MatMul writes float directly. Left in
+  place, such a DQ would also let ONNX Runtime fuse a float-planned MatMul of two activations into its
+  slow U8U8 kernel;
 - vetoed tensors (unusable calibrated ranges) leave every node touching them in float.
 """
 
@@ -61,6 +65,7 @@ class QuantPlan:
     quantized_nodes: dict[str, str] = field(default_factory=dict)  # node name -> op type
     float_nodes: list[FloatNode] = field(default_factory=list)
     folded: dict[str, str] = field(default_factory=dict)  # tensor -> activation node folded into it
+    pruned: dict[str, str] = field(default_factory=dict)  # tensor -> why its Q/DQ was dropped
 
     def observed_tensors(self) -> list[str]:
         """Activations whose range must come from calibration, in graph order."""
@@ -85,6 +90,7 @@ def make_plan(
     ctx = PlanContext(index, config, quantized)
     instances: dict[type, object] = {}
     foldable: dict[str, bool] = {}
+    float_output_ok: set[str] = set()
     for node in index.graph.node:
         result = _plan_node(toolkit, node, ctx, config, backend, instances)
         if isinstance(result, NodePlan):
@@ -96,9 +102,15 @@ def make_plan(
         plan.quantized_nodes[node.name] = node.op_type
         quantizer = instances[toolkit.op_quantizer_for(node.op_type, node.domain)]
         can_fold = getattr(quantizer, "can_fold", None)
-        foldable[node.name] = bool(can_fold(node, ctx) if can_fold else quantizer.folds_into_producer)
+        try:
+            foldable[node.name] = bool(can_fold(node, ctx) if can_fold else quantizer.folds_into_producer)
+        except Exception as exc:
+            raise PluginError(f"{type(quantizer).__name__}.can_fold failed on node {node_label(node)}: {exc!r}") from exc
+        if quantizer.float_output_ok:
+            float_output_ok.add(node.name)
     if not config.activation.symmetric:
         _fold_activations(plan, index, foldable)
+    _prune_float_only_tensors(plan, index, float_output_ok)
     return plan
 
 
@@ -248,3 +260,37 @@ def _fold_activations(plan: QuantPlan, index: GraphIndex, foldable: dict[str, bo
             continue
         del plan.tensors[tensor]
         plan.folded[tensor] = node.name
+
+
+def _prune_float_only_tensors(plan: QuantPlan, index: GraphIndex, float_output_ok: set[str]) -> None:
+    """Drop Q/DQ that no integer kernel needs, walking upstream until nothing changes."""
+
+    def read_quantized(name: str) -> bool:
+        return name in index.graph_outputs or any(
+            c.name in plan.quantized_nodes for c in index.consumers.get(name, [])
+        )
+
+    changed = True
+    while changed:
+        changed = False
+        for name, tp in list(plan.tensors.items()):
+            if name not in plan.tensors or tp.constant or isinstance(tp.role, (Weight, Bias)) or read_quantized(name):
+                continue
+            producer = index.producer.get(name)
+            if producer is None or producer.name not in plan.quantized_nodes:
+                dropped, reason = [name], "no quantized node reads it"
+            elif isinstance(tp.role, SameAs):
+                outputs = [o for o in producer.output if o in plan.tensors]
+                if any(read_quantized(o) for o in outputs):
+                    continue  # e.g. one Split output still feeds an integer kernel
+                plan.quantized_nodes.pop(producer.name)
+                plan.float_nodes.append(FloatNode(producer.name, producer.op_type, "its output feeds only float ops"))
+                dropped, reason = outputs, "moved by a node that now stays float"
+            elif producer.name in float_output_ok:
+                dropped, reason = [name], "only float ops read it; the producing integer kernel writes float directly"
+            else:
+                continue
+            for tensor in dropped:
+                del plan.tensors[tensor]
+                plan.pruned[tensor] = reason
+            changed = True

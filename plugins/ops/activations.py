@@ -33,7 +33,7 @@ class ClipQuantizer(_QuantizedChainOp):
         """Only a clamp at exactly zero is what a zero point at the type minimum performs."""
         if len(node.input) > 1 and node.input[1]:
             low = ctx.index.constant_value(node.input[1])
-            return low is not None and low.size == 1 and float(low) == 0.0
+            return low is not None and low.size == 1 and float(low.reshape(-1)[0]) == 0.0
         return float(ctx.attribute(node, "min", float("-inf"))) == 0.0
 
 

@@ -9,6 +9,7 @@ from ortq import Activation, Bias, LeaveFloat, NodePlan, OpQuantizer, PlanContex
 
 class MatMulQuantizer(OpQuantizer):
     op_types = ("MatMul",)
+    float_output_ok = True  # DQ -> MatMul with a float output fuses into MatMulIntegerToFloat
 
     def plan(self, node: onnx.NodeProto, ctx: PlanContext) -> NodePlan | LeaveFloat:
         b = node.input[1]
