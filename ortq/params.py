@@ -64,7 +64,44 @@ def compute_params(
                 params[name] = QuantParams(src.scale, src.zero_point, src.qtype, src.axis, source=source)
             else:
                 vetoes[name] = f"copies the parameters of {source!r}, which {vetoes.get(source, 'has none')}"
+    for name, tp in plan.tensors.items():
+        if isinstance(tp.role, Bias):
+            _fit_bias_in_int32(name, tp, index, params)
     return params, vetoes
+
+
+_INT32_MAX = float(np.iinfo(np.int32).max)
+
+
+def _fit_bias_in_int32(name: str, tp, index: GraphIndex, params: dict[str, QuantParams]) -> None:  # noqa: ANN001
+    """Widen a weight's scale where bias / (input scale x weight scale) would overflow int32.
+
+    Clipping the bias instead would shift every output of that channel (a 16-bit weight with a large
+    bias lost 45 dB that way); a coarser weight scale costs far less.
+    """
+    x, w = params.get(tp.bias_input or ""), params.get(tp.bias_weight or "")
+    bias = index.constant_value(name)
+    if x is None or w is None or x.per_channel or bias is None or not bias.size:
+        return
+    needed = np.abs(bias.astype(np.float64)).reshape(-1) / (float(x.scale) * _INT32_MAX)
+    current = w.scale.astype(np.float64).reshape(-1)
+    if w.per_channel and needed.size != current.size:
+        return
+    factor = np.maximum(needed / current, 1.0) if w.per_channel else max(float(needed.max() / current[0]), 1.0)
+    if np.all(np.asarray(factor) <= 1.0):
+        return
+    log.warning(
+        "bias %r would overflow int32 at weight %r's scale; widening that scale by up to %.3gx",
+        name, tp.bias_weight, float(np.max(factor)),
+    )
+    scale = (current * factor * (1 + 1e-6)).astype(np.float32).reshape(w.scale.shape)
+    if w.qtype.signed and np.all(w.zero_point == 0):
+        zero_point = w.zero_point
+    else:  # keep real zero where it was: the zero point moves towards the middle as the scale grows
+        old_zero = (w.zero_point.astype(np.float64) * current.reshape(w.scale.shape))
+        qmin, qmax = np.iinfo(w.qtype.numpy_dtype).min, np.iinfo(w.qtype.numpy_dtype).max
+        zero_point = np.clip(np.round(old_zero / scale), qmin, qmax)
+    params[tp.bias_weight] = QuantParams(scale, zero_point, w.qtype, w.axis, source="widened for bias")
 
 
 def _resolve(plan: QuantPlan, name: str) -> str:

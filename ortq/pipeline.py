@@ -19,6 +19,7 @@ from .config import QuantConfig
 from .data import iter_batches, model_inputs
 from .errors import ConfigError, ModelError
 from .graph import GraphIndex
+from .op_quantizer import Activation, SameAs
 from .model_io import check_output_path, load_model, model_opset, save_model_atomic, upgrade_opset
 from .params import bias_params, compute_params
 from .planner import QuantPlan, make_plan
@@ -200,6 +201,7 @@ def quantize(
     t2 = time.perf_counter()
     vetoes: dict[str, str] = {}
     for _ in range(_MAX_REPLANS):
+        _add_implied_ranges(plan, ranges)
         params, new_vetoes = compute_params(plan, index, ranges, config)
         new_vetoes = {k: v for k, v in new_vetoes.items() if k not in vetoes}
         if not new_vetoes:
@@ -242,6 +244,20 @@ _OVERRIDES = {
     "quantize_bias", "matmul_const_b_only", "op_types_to_quantize", "nodes_to_quantize", "nodes_to_exclude",
     "op_types_no_output_quantization", "calibrate_method", "calibrator_options", "extreme_range",
 }
+
+
+def _add_implied_ranges(plan: QuantPlan, ranges: dict[str, tuple[float, float]]) -> None:
+    """Record ranges the plan implies without observing: a fixed output range (Softmax), or a data-movement
+    output's source range, which contains it. A re-plan that turns such a tensor into a calibrated
+    activation (because a veto sent its producer back to float) then needs no second pass over the data.
+    """
+    for name, tp in plan.tensors.items():
+        if name in ranges:
+            continue
+        if isinstance(tp.role, Activation) and tp.role.fixed_range is not None:
+            ranges[name] = tp.role.fixed_range
+        elif isinstance(tp.role, SameAs) and tp.source in ranges:
+            ranges[name] = ranges[tp.source]
 
 
 def _ranges(calibrator, statistics, plan: QuantPlan) -> dict[str, tuple[float, float]]:  # noqa: ANN001
