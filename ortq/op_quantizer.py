@@ -110,20 +110,27 @@ class PlanContext:
 class OpQuantizer:
     """Base class for op quantizer plugins; one subclass per op family, registered by its ``op_types``.
 
-    Subclasses implement :meth:`plan`. ``folds_into_producer`` marks activation functions (ReLU, Clip
-    at 0) whose clamp a preceding integer kernel's output quantizer performs exactly, so the producer's
-    own output needs no Q/DQ and ONNX Runtime fuses the pair. ``float_output_ok`` marks ops whose
+    Subclasses implement :meth:`plan`, and :meth:`fused_input` where ONNX Runtime fuses the node into the
+    integer kernel that produces one of its inputs (ReLU's clamp, a MatMul's bias Add): that input then
+    gets no Q/DQ of its own. ``float_output_ok`` marks ops whose
     integer kernel can write a float output (MatMul -> MatMulIntegerToFloat): when every consumer of
     their output stays float, the output's Q/DQ is dropped instead of adding error for nothing.
     """
 
     op_types: ClassVar[tuple[str, ...]] = ()
     domain: ClassVar[str] = ""
-    folds_into_producer: ClassVar[bool] = False
     float_output_ok: ClassVar[bool] = False
 
     def plan(self, node: onnx.NodeProto, ctx: PlanContext) -> NodePlan | LeaveFloat:
         raise NotImplementedError
+
+    def fused_input(self, node: onnx.NodeProto, ctx: PlanContext) -> int | None:
+        """Index of the input whose producing integer kernel absorbs this node, or None.
+
+        The planner drops that input's Q/DQ only if the producer is quantized, the input has no other
+        reader, and this node's output is quantized, so the fused kernel ends in this node's Q.
+        """
+        return None
 
     # Helpers shared by many op families -------------------------------------------------------------
     @staticmethod

@@ -5,9 +5,9 @@ anything is calibrated. Graph-wide rules live here, not in the op quantizers:
 
 - one quantization per tensor: every quantized consumer shares the same Q/DQ;
 - a data-movement output (:class:`SameAs`) is quantized only if its input already is;
-- ReLU/Clip(0, x) after an integer kernel is folded: the producer's output gets no Q/DQ and the activation's
-  own output quantizer (zero point at the type minimum) clamps exactly, so ONNX Runtime fuses the
-  producer, the activation and the Q into one integer kernel;
+- a node that ONNX Runtime fuses into the integer kernel producing its input (ReLU/Clip(0, x), whose
+  clamp a zero point at the type minimum performs exactly; a MatMul's bias Add) takes that input's
+  place: the input gets no Q/DQ and producer, node and Q become one kernel (see ``fused_input``);
 - a quantized tensor that only float nodes read loses its Q/DQ when that costs no integer kernel: a
   data-movement op feeding only float ops goes back to float, and a MatMul writes float directly. Left in
   place, such a DQ would also let ONNX Runtime fuse a float-planned MatMul of two activations into its
@@ -89,7 +89,7 @@ def make_plan(
     quantized: set[str] = set()
     ctx = PlanContext(index, config, quantized)
     instances: dict[type, object] = {}
-    foldable: dict[str, bool] = {}
+    fused: dict[str, int] = {}
     float_output_ok: set[str] = set()
     for node in index.graph.node:
         result = _plan_node(toolkit, node, ctx, config, backend, instances)
@@ -101,15 +101,15 @@ def make_plan(
             continue
         plan.quantized_nodes[node.name] = node.op_type
         quantizer = instances[toolkit.op_quantizer_for(node.op_type, node.domain)]
-        can_fold = getattr(quantizer, "can_fold", None)
         try:
-            foldable[node.name] = bool(can_fold(node, ctx) if can_fold else quantizer.folds_into_producer)
+            fused_input = quantizer.fused_input(node, ctx)
         except Exception as exc:
-            raise PluginError(f"{type(quantizer).__name__}.can_fold failed on node {node_label(node)}: {exc!r}") from exc
+            raise PluginError(f"{type(quantizer).__name__}.fused_input failed on node {node_label(node)}: {exc!r}") from exc
+        if fused_input is not None:
+            fused[node.name] = fused_input
         if quantizer.float_output_ok:
             float_output_ok.add(node.name)
-    if not config.activation.symmetric:
-        _fold_activations(plan, index, foldable)
+    _fold_into_producers(plan, index, fused)
     _prune_float_only_tensors(plan, index, float_output_ok)
     return plan
 
@@ -243,11 +243,11 @@ def _compatible(a: TensorPlan, b: TensorPlan) -> bool:
     return type(a.role) is type(b.role) and a.role == b.role and a.spec == b.spec and a.source == b.source
 
 
-def _fold_activations(plan: QuantPlan, index: GraphIndex, foldable: dict[str, bool]) -> None:
+def _fold_into_producers(plan: QuantPlan, index: GraphIndex, fused: dict[str, int]) -> None:
     for node in index.graph.node:
-        if not foldable.get(node.name) or not node.input or not node.output:
+        if node.name not in fused or node.name not in plan.quantized_nodes or not node.output:
             continue
-        tensor, out = node.input[0], node.output[0]
+        tensor, out = node.input[fused[node.name]], node.output[0]
         t, o = plan.tensors.get(tensor), plan.tensors.get(out)
         if t is None or o is None or not isinstance(o.role, Activation) or o.role.fixed_range is not None:
             continue

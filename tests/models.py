@@ -480,6 +480,19 @@ def matmul_const(seed: int = 0, seq: int = 8, d_in: int = 64, d_out: int = 32) -
     )
 
 
+def matmul_bias(seed: int = 0, seq: int | None = 8, d_in: int = 64, d_out: int = 32) -> Built:
+    """input [N, S, K] (or [N, K]) @ constant [K, M] + bias [M]: a Linear layer as exporters write it."""
+    def body(net: _Net) -> None:
+        w = net.rng.normal(0.0, 1.0 / math.sqrt(d_in), size=(d_in, d_out)).astype(np.float32)
+        net.nodes.append(helper.make_node("MatMul", ["input", net.const("w", w)], ["mm"], name="matmul"))
+        net.nodes.append(helper.make_node("Add", ["mm", net.const("b", _bias(net.rng, d_out, 0.1))], ["output"], name="bias"))
+    return _pattern(
+        body, [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", seq, d_in] if seq else ["N", d_in])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", seq, d_out] if seq else ["N", d_out])],
+        "matmul_bias", _tokens(d_in, seq), seed,
+    )
+
+
 def gemm(seed: int = 0, d_in: int = 64, d_out: int = 32, trans_b: int = 1) -> Built:
     """input [N, K] -> Gemm(transB) with constant B and a [M] bias -> output."""
     def body(net: _Net) -> None:

@@ -159,6 +159,17 @@ def test_matmul_with_constant_weight_is_an_integer_matmul(quantize_optimized):
     assert opt.sqnr_db >= MIN_SQNR_DB
 
 
+@pytest.mark.parametrize("seq", [None, 8], ids=["2-D", "3-D"])
+def test_matmul_bias_add_is_not_requantized(quantize_optimized, seq):
+    opt = quantize_optimized(models.matmul_bias(seq=seq), f"matmul_bias_{seq}")
+    assert opt.result.plan.quantized_nodes == {"matmul": "MatMul", "bias": "Add"}
+    assert "mm" in opt.result.plan.folded  # no Q/DQ between the MatMul and its bias
+    assert opt.ops["QLinearAdd"] == 0 and opt.ops["MatMul"] == 0
+    # 2-D fuses into one QGemm; with a dynamic leading axis ORT keeps MatMulIntegerToFloat + Add.
+    assert opt.ops["QGemm" if seq is None else "MatMulIntegerToFloat"] == 1
+    assert opt.sqnr_db >= MIN_SQNR_DB
+
+
 @pytest.mark.parametrize("trans_b", [0, 1], ids=["transB=0", "transB=1"])
 def test_gemm_becomes_qgemm(quantize_optimized, trans_b):
     opt = quantize_optimized(models.gemm(trans_b=trans_b), f"gemm_transB{trans_b}")

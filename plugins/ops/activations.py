@@ -1,7 +1,8 @@
 """Activation functions after an integer kernel.
 
 Relu and Clip(0, x) fold into the producer's output quantizer (their own Q clamps exactly when its zero
-point is the type minimum), so Conv+Relu becomes one QLinearConv. LeakyRelu, Sigmoid and HardSigmoid
+point is the type minimum, which asymmetric activations give a [0, x] range), so Conv+Relu becomes one
+QLinearConv. With symmetric activations the zero point sits mid-range and the clamp would be lost. LeakyRelu, Sigmoid and HardSigmoid
 get their own Q (QLinearLeakyRelu, QLinearSigmoid on the CPU).
 """
 
@@ -23,18 +24,24 @@ class _QuantizedChainOp(OpQuantizer):
 
 class ReluQuantizer(_QuantizedChainOp):
     op_types = ("Relu",)
-    folds_into_producer = True
+
+    def fused_input(self, node: onnx.NodeProto, ctx: PlanContext) -> int | None:
+        return None if ctx.config.activation.symmetric else 0
 
 
 class ClipQuantizer(_QuantizedChainOp):
     op_types = ("Clip",)
 
-    def can_fold(self, node: onnx.NodeProto, ctx: PlanContext) -> bool:
+    def fused_input(self, node: onnx.NodeProto, ctx: PlanContext) -> int | None:
         """Only a clamp at exactly zero is what a zero point at the type minimum performs."""
+        if ctx.config.activation.symmetric:
+            return None
         if len(node.input) > 1 and node.input[1]:
             low = ctx.index.constant_value(node.input[1])
-            return low is not None and low.size == 1 and float(low.reshape(-1)[0]) == 0.0
-        return float(ctx.attribute(node, "min", float("-inf"))) == 0.0
+            at_zero = low is not None and low.size == 1 and float(low.reshape(-1)[0]) == 0.0
+        else:
+            at_zero = float(ctx.attribute(node, "min", float("-inf"))) == 0.0
+        return 0 if at_zero else None
 
 
 class PointwiseActivationQuantizer(_QuantizedChainOp):
