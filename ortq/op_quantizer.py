@@ -102,6 +102,10 @@ class PlanContext:
     def attribute(self, node: onnx.NodeProto, name: str, default: object = None) -> object:
         return self.index.attribute(node, name, default)
 
+    def string_attribute(self, node: onnx.NodeProto, name: str, default: str) -> str:
+        value = self.index.attribute(node, name, default)
+        return value.decode() if isinstance(value, bytes) else str(value)
+
     def weight_axis(self, axis: int) -> int | None:
         """``axis`` if per-channel weights are on, else None (per-tensor)."""
         return axis if self.config.per_channel else None
@@ -133,6 +137,13 @@ class OpQuantizer:
         return None
 
     # Helpers shared by many op families -------------------------------------------------------------
+    @staticmethod
+    def extend_chain(node: onnx.NodeProto, ctx: PlanContext) -> NodePlan | LeaveFloat:
+        """Input 0 and output 0 as activations, if input 0 already carries Q/DQ (else nothing to extend)."""
+        if not ctx.is_quantized(node.input[0]):
+            return LeaveFloat("its input is not quantized, so there is no integer kernel to extend")
+        return NodePlan(inputs={0: Activation()}, outputs={0: Activation()})
+
     @staticmethod
     def activation_inputs_quantized(node: onnx.NodeProto, ctx: PlanContext, indices: list[int]) -> bool:
         """True if at least one non-constant input among ``indices`` already carries Q/DQ upstream.

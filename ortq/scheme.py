@@ -164,14 +164,20 @@ def params_from_range(
     return QuantParams(scale.astype(np.float32), zero_point, spec.qtype, spec.axis)
 
 
+def _broadcastable(params: QuantParams, ndim: int) -> tuple[np.ndarray, np.ndarray]:
+    """Scale and zero point shaped to broadcast along the channel axis of an ``ndim`` tensor."""
+    scale, zero_point = params.scale, params.zero_point.astype(np.int64)
+    if params.per_channel:
+        shape = [1] * ndim
+        shape[params.axis] = -1
+        scale, zero_point = scale.reshape(shape), zero_point.reshape(shape)
+    return scale, zero_point
+
+
 def quantize_array(values: np.ndarray, params: QuantParams) -> np.ndarray:
     """Quantize ``values`` exactly as ONNX QuantizeLinear does (round half to even, saturate)."""
     # float32 division, as ONNX Runtime's kernel does: float64 would round differently near .5 for 16-bit.
-    scale, zero_point = params.scale, params.zero_point.astype(np.int64)
-    if params.per_channel:
-        shape = [1] * values.ndim
-        shape[params.axis] = -1
-        scale, zero_point = scale.reshape(shape), zero_point.reshape(shape)
+    scale, zero_point = _broadcastable(params, values.ndim)
     info = np.iinfo(params.qtype.numpy_dtype)
     q = np.rint(values.astype(np.float32) / scale).astype(np.float64) + zero_point
     return np.clip(q, info.min, info.max).astype(params.qtype.numpy_dtype)
@@ -179,9 +185,5 @@ def quantize_array(values: np.ndarray, params: QuantParams) -> np.ndarray:
 
 def dequantize_array(values: np.ndarray, params: QuantParams) -> np.ndarray:
     """Inverse of :func:`quantize_array`, for verification and error measurement."""
-    scale, zero_point = params.scale, params.zero_point.astype(np.int64)
-    if params.per_channel:
-        shape = [1] * values.ndim
-        shape[params.axis] = -1
-        scale, zero_point = scale.reshape(shape), zero_point.reshape(shape)
+    scale, zero_point = _broadcastable(params, values.ndim)
     return ((values.astype(np.int64) - zero_point) * scale).astype(np.float32)

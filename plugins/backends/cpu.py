@@ -24,8 +24,7 @@ class CpuBackend(Backend):
 
     def leave_float(self, node: onnx.NodeProto, ctx: PlanContext) -> str | None:
         if node.op_type == "Resize" and ctx.config.op_types is None:
-            mode = ctx.attribute(node, "mode", b"nearest")
-            if (mode.decode() if isinstance(mode, bytes) else mode) != "nearest":
+            if ctx.string_attribute(node, "mode", "nearest") != "nearest":
                 return "only nearest Resize runs on 8-bit data on the CPU provider"
         return None
 

@@ -10,16 +10,11 @@ from __future__ import annotations
 
 import onnx
 
-from ortq import Activation, LeaveFloat, NodePlan, OpQuantizer, PlanContext, hookimpl
-
-_INPUT_FLOAT = "its input is not quantized, so there is no integer kernel to extend"
-
+from ortq import LeaveFloat, NodePlan, OpQuantizer, PlanContext, hookimpl
 
 class _QuantizedChainOp(OpQuantizer):
     def plan(self, node: onnx.NodeProto, ctx: PlanContext) -> NodePlan | LeaveFloat:
-        if not ctx.is_quantized(node.input[0]):
-            return LeaveFloat(_INPUT_FLOAT)
-        return NodePlan(inputs={0: Activation()}, outputs={0: Activation()})
+        return self.extend_chain(node, ctx)
 
 
 class ReluQuantizer(_QuantizedChainOp):

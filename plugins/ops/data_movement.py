@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import onnx
 
-from ortq import Activation, LeaveFloat, NodePlan, OpQuantizer, PlanContext, SameAs, hookimpl
+from ortq import LeaveFloat, NodePlan, OpQuantizer, PlanContext, SameAs, hookimpl
 
 
 class DataMovementQuantizer(OpQuantizer):
@@ -43,12 +43,8 @@ class ResizeQuantizer(OpQuantizer):
     op_types = ("Resize",)
 
     def plan(self, node: onnx.NodeProto, ctx: PlanContext) -> NodePlan | LeaveFloat:
-        mode = ctx.attribute(node, "mode", b"nearest")
-        mode = mode.decode() if isinstance(mode, bytes) else str(mode)
-        if mode == "cubic":
-            if not ctx.is_quantized(node.input[0]):
-                return LeaveFloat("its input is not quantized")
-            return NodePlan(inputs={0: Activation()}, outputs={0: Activation()})
+        if ctx.string_attribute(node, "mode", "nearest") == "cubic":
+            return self.extend_chain(node, ctx)
         return NodePlan(outputs={0: SameAs(0)})
 
 
@@ -58,10 +54,8 @@ class PadQuantizer(OpQuantizer):
     op_types = ("Pad",)
 
     def plan(self, node: onnx.NodeProto, ctx: PlanContext) -> NodePlan | LeaveFloat:
-        mode = ctx.attribute(node, "mode", b"constant")
-        mode = mode.decode() if isinstance(mode, bytes) else str(mode)
         value = 0.0
-        if mode == "constant":
+        if ctx.string_attribute(node, "mode", "constant") == "constant":
             if len(node.input) > 2 and node.input[2]:
                 const = ctx.index.constant_value(node.input[2])
                 if const is None:
@@ -71,9 +65,7 @@ class PadQuantizer(OpQuantizer):
                 value = float(ctx.attribute(node, "value", 0.0))
         if value == 0.0:
             return NodePlan(outputs={0: SameAs(0)})
-        if not ctx.is_quantized(node.input[0]):
-            return LeaveFloat("its input is not quantized")
-        return NodePlan(inputs={0: Activation()}, outputs={0: Activation()})
+        return self.extend_chain(node, ctx)
 
 
 @hookimpl

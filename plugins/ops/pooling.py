@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import onnx
 
-from ortq import Activation, LeaveFloat, NodePlan, OpQuantizer, PlanContext, SameAs, hookimpl
+from ortq import LeaveFloat, NodePlan, OpQuantizer, PlanContext, SameAs, hookimpl
 
 
 class MaxPoolQuantizer(OpQuantizer):
@@ -18,9 +18,7 @@ class AveragePoolQuantizer(OpQuantizer):
     op_types = ("AveragePool", "GlobalAveragePool")
 
     def plan(self, node: onnx.NodeProto, ctx: PlanContext) -> NodePlan | LeaveFloat:
-        if not ctx.is_quantized(node.input[0]):
-            return LeaveFloat("its input is not quantized, so there is no integer kernel to extend")
-        return NodePlan(inputs={0: Activation()}, outputs={0: Activation()})
+        return self.extend_chain(node, ctx)
 
 
 @hookimpl
