@@ -30,6 +30,8 @@ from .errors import (
 from .hookspecs import hookimpl
 from .op_quantizer import Activation, Bias, LeaveFloat, NodePlan, OpQuantizer, PlanContext, SameAs, Weight
 from .scheme import QuantParams, QuantSpec, QuantType
+from .images import ImageOptions
+from .state import CalibrationState
 from .toolkit import Toolkit
 
 __version__ = "0.1.0"
@@ -55,6 +57,8 @@ __all__ = [
     "Statistic",
     "MinMaxStatistic",
     "Backend",
+    "CalibrationState",
+    "ImageOptions",
     "QuantConfig",
     "QuantType",
     "QuantSpec",

@@ -112,6 +112,8 @@ class Calibrator:
 
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
+    #: Statistic classes this calibrator can reduce; saved calibration states are loaded through these.
+    statistic_types: ClassVar[tuple[type[Statistic], ...]] = ()
 
     def create_statistic(self, tensor: str) -> Statistic:
         raise NotImplementedError

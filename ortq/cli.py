@@ -62,6 +62,77 @@ def _key_values(pairs: tuple[str, ...]) -> dict[str, str]:
     return options
 
 
+def _image_flags(command: Any) -> Any:
+    """How a folder of images becomes the input (defaults come from the model's input shape)."""
+    options = [
+        click.option("--image-size", default=None, metavar="HxW", help="Input image size, e.g. 224x224."),
+        click.option("--image-resize", type=click.Choice(["resize", "shorter-side-crop"]), default=None),
+        click.option("--image-layout", type=click.Choice(["NCHW", "NHWC"]), default=None),
+        click.option("--image-scale", type=float, default=None, help="Pixel multiplier before mean/std (default 1/255)."),
+        click.option("--image-mean", default=None, metavar="M[,M,M]"),
+        click.option("--image-std", default=None, metavar="S[,S,S]"),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _make_image_options(image_size: str | None, image_resize: str | None, image_layout: str | None,
+                        image_scale: float | None, image_mean: str | None, image_std: str | None) -> Any:
+    if not any(v is not None for v in (image_size, image_resize, image_layout, image_scale, image_mean, image_std)):
+        return None
+    from .images import ImageOptions
+
+    def floats(text: str) -> float | tuple[float, ...]:
+        values = tuple(float(v) for v in text.split(","))
+        return values[0] if len(values) == 1 else values
+
+    kwargs: dict[str, Any] = {}
+    if image_size:
+        height, _, width = image_size.lower().partition("x")
+        kwargs["size"] = (int(height), int(width or height))
+    if image_resize:
+        kwargs["resize"] = image_resize
+    if image_layout:
+        kwargs["layout"] = image_layout
+    if image_scale is not None:
+        kwargs["scale"] = image_scale
+    if image_mean:
+        kwargs["mean"] = floats(image_mean)
+    if image_std:
+        kwargs["std"] = floats(image_std)
+    try:
+        return ImageOptions(**kwargs)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def _session_options(command: Any) -> Any:
+    """The calibration session's execution providers and threads (observers work on any provider)."""
+    command = click.option("--provider", multiple=True, metavar="NAME",
+                           help="ONNX Runtime execution provider for calibration, in priority order; repeatable.")(command)
+    return click.option("--intra-op-threads", type=click.IntRange(min=0), default=None,
+                        help="Threads per operator in the calibration session (0: ONNX Runtime's default).")(command)
+
+
+def _make_session_options(intra_op_threads: int | None) -> Any:
+    if intra_op_threads is None:
+        return None
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = intra_op_threads
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    return so
+
+
+def _progress(calibration_data: Path | None, max_samples: int | None) -> Any:
+    from .data import count_samples
+
+    total = count_samples(calibration_data, max_samples) if calibration_data is not None else 0
+    return click.progressbar(length=total or 0, label="calibrating", file=sys.stderr, show_pos=True)
+
+
 def build_cli(toolkit: Toolkit) -> click.Group:
     """The command group for ``toolkit``, with plugin commands added through ``ortq_register_commands``."""
 
@@ -77,8 +148,10 @@ def build_cli(toolkit: Toolkit) -> click.Group:
     @cli.command()
     @click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
     @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Quantized model to write.")
-    @click.option("-d", "--calibration-data", required=True, type=click.Path(path_type=Path),
-                  help=".npz file, or folder of <input>.npy / *.npz / sample folders of .npy or .pb tensors.")
+    @click.option("-d", "--calibration-data", type=click.Path(path_type=Path), default=None,
+                  help=".npz file, or folder of <input>.npy / *.npz / sample folders of .npy or .pb tensors / images.")
+    @click.option("-s", "--calibration-state", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                  help="Statistics saved by `ortq calibrate`, used instead of running the model.")
     @click.option("-t", "--target", default="cpu", show_default=True, help="Target backend (see `ortq plugins`).")
     @click.option("--calibrate-method", default=None, help="Calibrator name (default: the target's).")
     @click.option("--calibrator-option", multiple=True, metavar="KEY=VALUE", help="Option for the calibrator; repeatable.")
@@ -95,19 +168,24 @@ def build_cli(toolkit: Toolkit) -> click.Group:
     @click.option("--max-samples", type=click.IntRange(min=1), default=None)
     @click.option("--extreme-range", type=float, default=None, help="Keep float any tensor whose |range| exceeds this.")
     @click.option("--verify/--no-verify", default=True, show_default=True, help="Compare with the float model on calibration samples.")
+    @_session_options
+    @_image_flags
     @click.pass_context
-    def quantize(ctx: click.Context, model: Path, output: Path, calibration_data: Path, target: str, calibrate_method: str | None,
+    def quantize(ctx: click.Context, model: Path, output: Path, calibration_data: Path | None,
+                 calibration_state: Path | None, target: str, calibrate_method: str | None,
                  calibrator_option: tuple[str, ...], activation_type: str | None, weight_type: str | None, per_channel: bool | None,
                  activation_symmetric: bool | None, weight_symmetric: bool | None, reduce_range: bool | None, op_types: str | None,
                  nodes_to_quantize: str | None, nodes_to_exclude: str | None, batch_size: int | None, max_samples: int | None,
-                 extreme_range: float | None, verify: bool) -> None:
-        """Statically quantize MODEL to QDQ form using calibration data."""
-        from .data import count_samples
-
-        total = count_samples(calibration_data, max_samples)
-        with click.progressbar(length=total or 0, label="calibrating", file=sys.stderr, show_pos=True) as bar:
+                 extreme_range: float | None, verify: bool, provider: tuple[str, ...], intra_op_threads: int | None,
+                 **image_flags: Any) -> None:
+        """Statically quantize MODEL to QDQ form, from calibration data or a saved calibration state."""
+        if (calibration_data is None) == (calibration_state is None):
+            raise click.UsageError("give exactly one of --calibration-data and --calibration-state")
+        with _progress(calibration_data, max_samples) as bar:
             result = toolkit.quantize(
-                model, output, calibration_data=calibration_data, target=target, calibrate_method=calibrate_method,
+                model, output, calibration_data=calibration_data, calibration_state=calibration_state,
+                target=target, calibrate_method=calibrate_method, providers=list(provider) or None,
+                session_options=_make_session_options(intra_op_threads), image_options=_make_image_options(**image_flags),
                 calibrator_options=_key_values(calibrator_option) or None, activation_type=activation_type,
                 weight_type=weight_type, per_channel=per_channel, activation_symmetric=activation_symmetric,
                 weight_symmetric=weight_symmetric, reduce_range=reduce_range, op_types_to_quantize=_csv(op_types),
@@ -118,6 +196,57 @@ def build_cli(toolkit: Toolkit) -> click.Group:
         click.echo(f"wrote {result.output}")
         for path in result.artifacts:
             click.echo(f"wrote {path}")
+
+    @cli.command()
+    @click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+    @click.option("-d", "--calibration-data", required=True, type=click.Path(path_type=Path))
+    @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path), help="State file (JSON) to write.")
+    @click.option("-t", "--target", default="cpu", show_default=True)
+    @click.option("--calibrate-method", default=None, help="Calibrator whose statistics to collect (histogram-based ones serve all).")
+    @click.option("--calibrator-option", multiple=True, metavar="KEY=VALUE")
+    @click.option("--op-types", default=None)
+    @click.option("--nodes-to-exclude", default=None)
+    @click.option("--batch-size", type=click.IntRange(min=1), default=None)
+    @click.option("--max-samples", type=click.IntRange(min=1), default=None)
+    @click.option("--merge", "merge_into", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
+                  help="Earlier state(s) of the same model to merge this run into; repeatable.")
+    @_session_options
+    @_image_flags
+    def calibrate(model: Path, calibration_data: Path, output: Path, target: str, calibrate_method: str | None,
+                  calibrator_option: tuple[str, ...], op_types: str | None, nodes_to_exclude: str | None,
+                  batch_size: int | None, max_samples: int | None, merge_into: tuple[Path, ...],
+                  provider: tuple[str, ...], intra_op_threads: int | None, **image_flags: Any) -> None:
+        """Run MODEL over calibration data and save the statistics (quantize later with --calibration-state)."""
+        from .state import CalibrationState
+
+        with _progress(calibration_data, max_samples) as bar:
+            state = toolkit.calibrate(
+                model, calibration_data, target=target, calibrate_method=calibrate_method,
+                calibrator_options=_key_values(calibrator_option) or None, op_types_to_quantize=_csv(op_types),
+                nodes_to_exclude=_csv(nodes_to_exclude), batch_size=batch_size, max_samples=max_samples,
+                providers=list(provider) or None, session_options=_make_session_options(intra_op_threads),
+                image_options=_make_image_options(**image_flags), progress=bar.update,
+            )
+        for path in merge_into:
+            state.merge(CalibrationState.load(path, toolkit.statistic_types()))
+        state.save(output)
+        click.echo(f"{len(state.statistics)} tensor(s), {state.samples} sample(s) in {state.batches} batch(es), "
+                   f"calibrator {state.calibrator}")
+        click.echo(f"wrote {output}")
+
+    @cli.command("merge-states")
+    @click.argument("states", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
+    @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path))
+    def merge_states(states: tuple[Path, ...], output: Path) -> None:
+        """Merge calibration states of the same model (shards of the data) into one."""
+        from .state import CalibrationState
+
+        loaded = [CalibrationState.load(path, toolkit.statistic_types()) for path in states]
+        merged = loaded[0]
+        for other in loaded[1:]:
+            merged.merge(other)
+        merged.save(output)
+        click.echo(f"merged {len(loaded)} state(s): {merged.samples} sample(s); wrote {output}")
 
     @cli.command()
     @click.argument("model", type=click.Path(dir_okay=False, path_type=Path))

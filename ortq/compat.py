@@ -61,6 +61,8 @@ SUPPORTED_EXTRA_OPTIONS = {
     "CalibMovingAverage": "calibrator:moving_average",
     "CalibMovingAverageConstant": "calibrator:averaging_constant",
     "CalibTensorRangeSymmetric": "calibrator:symmetric",
+    "CalibPercentile": "calibrator:percentile",
+    "CalibNumQuantizedBins": "calibrator:num_quantized_bins",
     # ortq always streams statistics, so ONNX Runtime's memory knob has nothing to do.
     "CalibMaxIntermediateOutputs": None,
 }

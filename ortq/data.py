@@ -13,13 +13,16 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
 from .errors import CalibrationDataError
+
+if TYPE_CHECKING:
+    from .images import ImageOptions
 
 __all__ = ["InputSpec", "model_inputs", "iter_batches", "DEFAULT_BATCH_SIZE"]
 
@@ -52,20 +55,27 @@ def model_inputs(model: onnx.ModelProto) -> list[InputSpec]:
 
 
 def iter_batches(
-    source: Any, inputs: list[InputSpec], batch_size: int | None = None, max_samples: int | None = None
+    source: Any,
+    inputs: list[InputSpec],
+    batch_size: int | None = None,
+    max_samples: int | None = None,
+    image_options: ImageOptions | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
-    """Yield validated feeds; raises :class:`CalibrationDataError` naming the batch and tensor at fault."""
+    """Yield validated feeds; raises :class:`CalibrationDataError` naming the batch and tensor at fault.
+
+    ``image_options`` (an :class:`ortq.images.ImageOptions`) sets how a folder of images is read.
+    """
     if source is None:
         raise CalibrationDataError("static quantization needs calibration data; none was given")
-    raw = _raw_batches(source, inputs, batch_size)
+    raw = _raw_batches(source, inputs, batch_size, image_options)
     seen = 0
     count = 0
     for count, feed in enumerate(raw):
-        if max_samples is not None and seen >= max_samples:
-            break
         _validate(feed, inputs, count)
         yield feed
         seen += _leading(feed)
+        if max_samples is not None and seen >= max_samples:
+            break  # before reading (and decoding) another batch
     else:
         if count == 0 and seen == 0:
             raise CalibrationDataError(f"calibration data {_describe(source)} holds no samples")
@@ -80,13 +90,18 @@ def _describe(source: Any) -> str:
     return repr(str(source)) if isinstance(source, (str, os.PathLike)) else type(source).__name__
 
 
-def _raw_batches(source: Any, inputs: list[InputSpec], batch_size: int | None) -> Iterator[dict[str, np.ndarray]]:
+def _raw_batches(
+    source: Any,
+    inputs: list[InputSpec],
+    batch_size: int | None,
+    image_options: ImageOptions | None = None,
+) -> Iterator[dict[str, np.ndarray]]:
     if hasattr(source, "get_next"):
         return _from_reader(source)
     if isinstance(source, Mapping):
         return _split(dict(source), inputs, batch_size, "calibration arrays")
     if isinstance(source, (str, os.PathLike)):
-        return _from_path(Path(source), inputs, batch_size)
+        return _from_path(Path(source), inputs, batch_size, image_options)
     if isinstance(source, Iterable):
         return (dict(feed) for feed in source)
     raise CalibrationDataError(f"cannot read calibration data from a {type(source).__name__}")
@@ -107,7 +122,12 @@ def _from_reader(reader: Any) -> Iterator[dict[str, np.ndarray]]:
         index += 1
 
 
-def _from_path(path: Path, inputs: list[InputSpec], batch_size: int | None) -> Iterator[dict[str, np.ndarray]]:
+def _from_path(
+    path: Path,
+    inputs: list[InputSpec],
+    batch_size: int | None,
+    image_options: ImageOptions | None = None,
+) -> Iterator[dict[str, np.ndarray]]:
     if not path.exists():
         raise CalibrationDataError(f"{path}: no such calibration data file or folder")
     if path.is_file():
@@ -117,6 +137,10 @@ def _from_path(path: Path, inputs: list[InputSpec], batch_size: int | None) -> I
     if names and all(p.is_file() for p in per_input):
         arrays = {name: _load_npy(path / f"{_safe(name)}.npy") for name in names}
         return _split(arrays, inputs, batch_size, str(path))
+    from .images import is_image_folder, iter_image_batches  # images import this module
+
+    if is_image_folder(path, image_options):
+        return iter_image_batches(path, inputs, batch_size, image_options)
     entries = sorted(p for p in path.iterdir() if not p.name.startswith("."))
     npz_files = [p for p in entries if p.suffix == ".npz"]
     dirs = [p for p in entries if p.is_dir()]
@@ -125,7 +149,8 @@ def _from_path(path: Path, inputs: list[InputSpec], batch_size: int | None) -> I
     if dirs:
         return (_load_sample_dir(d, inputs) for d in dirs)
     raise CalibrationDataError(
-        f"{path}: found no calibration data (expected <input>.npy files, *.npz files, or sample sub-folders)"
+        f"{path}: found no calibration data (expected <input>.npy files, *.npz files, sample sub-folders, "
+        "or image files)"
     )
 
 

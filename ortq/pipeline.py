@@ -17,13 +17,14 @@ import onnx
 from .calibrate import run_calibration
 from .config import QuantConfig
 from .data import iter_batches, model_inputs
-from .errors import ConfigError, ModelError
+from .errors import CalibrationError, ConfigError, ModelError
 from .graph import GraphIndex
 from .op_quantizer import Activation, SameAs
 from .model_io import check_output_path, load_model, model_opset, save_model_atomic, upgrade_opset
 from .params import bias_params, compute_params
 from .planner import QuantPlan, make_plan
 from .rewrite_qdq import rewrite_qdq
+from .state import CalibrationState, model_fingerprint
 from .scheme import QuantParams, QuantSpec, QuantType
 from .verify import LOW_SQNR_DB, VerificationReport, verify_model
 
@@ -31,7 +32,7 @@ if TYPE_CHECKING:
     from .backend import Backend
     from .toolkit import Toolkit
 
-__all__ = ["QuantizationResult", "quantize", "plan_only", "resolve_config"]
+__all__ = ["QuantizationResult", "quantize", "calibrate", "plan_only", "resolve_config"]
 
 log = logging.getLogger(__name__)
 
@@ -115,12 +116,26 @@ def _pick(value: Any, default: Any) -> Any:
     return default if value is None else value
 
 
-def _prepare(toolkit: Toolkit, model: Any, target: str, overrides: dict[str, Any]):  # noqa: ANN202
+@dataclass
+class _Prepared:
+    backend: Backend
+    config: QuantConfig
+    model: onnx.ModelProto
+    float_bytes: int
+    label: str
+    fingerprint: str
+
+
+def _prepare(toolkit: Toolkit, model: Any, target: str, overrides: dict[str, Any]) -> _Prepared:
+    unknown = set(overrides) - _OVERRIDES
+    if unknown:
+        raise ConfigError(f"unknown option(s) {sorted(unknown)}; supported: {sorted(_OVERRIDES)}")
     backend = toolkit.backend(target)
     config = resolve_config(backend, **overrides)
     proto, source = load_model(model)
     label = str(source) if source else "model"
     float_bytes = proto.ByteSize()
+    fingerprint = model_fingerprint(proto)
     proto = upgrade_opset(proto, max(10, config.required_opset), label)
     if model_opset(proto) >= 21 and proto.ir_version < 10:
         proto.ir_version = 10
@@ -131,7 +146,7 @@ def _prepare(toolkit: Toolkit, model: Any, target: str, overrides: dict[str, Any
         proto = onnx.shape_inference.infer_shapes(proto)
     except Exception as exc:  # shape inference is a help, never a requirement
         log.warning("%s: shape inference failed (%s); tensors of unknown type stay float", label, exc)
-    return backend, config, proto, float_bytes, label
+    return _Prepared(backend, config, proto, float_bytes, label, fingerprint)
 
 
 def _name_nodes(model: onnx.ModelProto) -> None:
@@ -150,8 +165,60 @@ def _name_nodes(model: onnx.ModelProto) -> None:
 
 def plan_only(toolkit: Toolkit, model: Any, *, target: str = "cpu", **overrides: Any) -> tuple[QuantPlan, QuantConfig, onnx.ModelProto]:
     """The plan ``quantize`` would start from, without data (``ortq info``)."""
-    backend, config, proto, _, _ = _prepare(toolkit, model, target, overrides)
-    return make_plan(toolkit, GraphIndex(proto), config, backend), config, proto
+    p = _prepare(toolkit, model, target, overrides)
+    return make_plan(toolkit, GraphIndex(p.model), p.config, p.backend), p.config, p.model
+
+
+def calibrate(
+    toolkit: Toolkit,
+    model: str | Path | onnx.ModelProto,
+    calibration_data: Any,
+    *,
+    target: str = "cpu",
+    batch_size: int | None = None,
+    max_samples: int | None = None,
+    image_options: Any = None,
+    providers: Sequence[Any] | None = None,
+    session_options: Any = None,
+    progress: Callable[[int], None] | None = None,
+    **overrides: Any,
+) -> CalibrationState:
+    """Observe the tensors that quantizing for ``target`` with these options needs; return the statistics.
+
+    The state can be saved, merged with other shards, and passed to :func:`quantize` as
+    ``calibration_state`` to quantize without running the model again.
+    """
+    p = _prepare(toolkit, model, target, overrides)
+    calibrator = toolkit.calibrator(p.config.calibrator, **p.config.calibrator_options)
+    index = GraphIndex(p.model)
+    plan = make_plan(toolkit, index, p.config, p.backend)
+    result = run_calibration(
+        p.model, index, plan.observed_tensors(), calibrator,
+        iter_batches(calibration_data, model_inputs(p.model), batch_size, max_samples, image_options),
+        providers=providers, session_options=session_options, progress=progress,
+    )
+    return CalibrationState(
+        p.fingerprint, p.config.calibrator, result.statistics, result.samples, result.batches, p.model.graph.name
+    )
+
+
+def _state_statistics(
+    toolkit: Toolkit, state: CalibrationState | str | Path, p: _Prepared, plan: QuantPlan
+) -> CalibrationState:
+    if not isinstance(state, CalibrationState):
+        state = CalibrationState.load(state, toolkit.statistic_types())
+    if state.fingerprint != p.fingerprint:
+        raise CalibrationError(
+            f"{p.label}: the calibration state was computed for a different model (its fingerprint differs)"
+        )
+    missing = [t for t in plan.observed_tensors() if t not in state.statistics]
+    if missing:
+        more = f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""
+        raise CalibrationError(
+            f"{p.label}: the calibration state has no statistics for tensor(s) {missing[:5]}{more}; it was made for "
+            "other quantization options (target, op types, nodes): calibrate again with the options used here"
+        )
+    return state
 
 
 def quantize(
@@ -160,9 +227,11 @@ def quantize(
     output: str | Path | None = None,
     *,
     calibration_data: Any = None,
+    calibration_state: CalibrationState | str | Path | None = None,
     target: str = "cpu",
     batch_size: int | None = None,
     max_samples: int | None = None,
+    image_options: Any = None,
     providers: Sequence[Any] | None = None,
     session_options: Any = None,
     progress: Callable[[int], None] | None = None,
@@ -172,30 +241,51 @@ def quantize(
 ) -> QuantizationResult:
     """Statically quantize ``model`` to the QDQ format for ``target`` and optionally write it to ``output``.
 
+    Ranges come from running ``calibration_data`` through the model, or from a saved ``calibration_state``
+    (see :func:`calibrate`); with a state, the calibrator defaults to the one that made it.
+    ``image_options`` (:class:`ortq.ImageOptions`) says how a folder of images becomes the input.
+    ``session_options`` is used for the calibration session (ortq adds its observer library and
+    priority-based execution order to it).
+
     Scheme options (``activation_type``, ``weight_type``, ``activation_symmetric``, ``weight_symmetric``,
     ``per_channel``, ``reduce_range``, ``quantize_bias``, ``op_types_to_quantize``, ``nodes_to_quantize``,
     ``nodes_to_exclude``, ``calibrate_method``, ``calibrator_options``, ``extreme_range``, ...) default to
     what the target backend prefers. The input model is never modified; the output is written atomically.
     """
-    unknown = set(overrides) - _OVERRIDES
-    if unknown:
-        raise ConfigError(f"unknown option(s) {sorted(unknown)}; supported: {sorted(_OVERRIDES)}")
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
+    if calibration_state is not None and calibration_data is not None:
+        raise ConfigError("give calibration_data or calibration_state, not both")
     out = check_output_path(output) if output is not None else None
-    backend, config, proto, float_bytes, label = _prepare(toolkit, model, target, overrides)
+    p = _prepare(toolkit, model, target, overrides)
+    backend, config, proto, label = p.backend, p.config, p.model, p.label
+    state = None
+    if calibration_state is not None:
+        state = calibration_state
+        if not isinstance(state, CalibrationState):
+            state = CalibrationState.load(state, toolkit.statistic_types())
+        if overrides.get("calibrate_method") is None:
+            config.calibrator = state.calibrator
     calibrator = toolkit.calibrator(config.calibrator, **config.calibrator_options)
     index = GraphIndex(proto)
     plan = make_plan(toolkit, index, config, backend)
     timings["plan"] = time.perf_counter() - t0
 
     t1 = time.perf_counter()
-    batches = iter_batches(calibration_data, model_inputs(proto), batch_size, max_samples)
-    calibration = run_calibration(
-        proto, index, plan.observed_tensors(), calibrator, batches, providers=providers,
-        session_options=session_options, progress=progress, keep_samples=verify_samples if verify else 0,
-    )
-    ranges = _ranges(calibrator, calibration.statistics, plan)
+    if state is not None:
+        state = _state_statistics(toolkit, state, p, plan)
+        statistics, n_batches, n_samples = state.statistics, state.batches, state.samples
+        kept_feeds: list[dict[str, np.ndarray]] = []
+        kept_outputs: list[dict[str, np.ndarray]] = []
+    else:
+        batches = iter_batches(calibration_data, model_inputs(proto), batch_size, max_samples, image_options)
+        calibration = run_calibration(
+            proto, index, plan.observed_tensors(), calibrator, batches, providers=providers,
+            session_options=session_options, progress=progress, keep_samples=verify_samples if verify else 0,
+        )
+        statistics, n_batches, n_samples = calibration.statistics, calibration.batches, calibration.samples
+        kept_feeds, kept_outputs = calibration.kept_feeds, calibration.kept_outputs
+    ranges = _ranges(calibrator, statistics, plan)
     timings["calibrate"] = time.perf_counter() - t1
 
     t2 = time.perf_counter()
@@ -216,10 +306,7 @@ def quantize(
     timings["rewrite"] = time.perf_counter() - t2
 
     t3 = time.perf_counter()
-    report = (
-        verify_model(proto, calibration.kept_feeds, calibration.kept_outputs, providers)
-        if verify else VerificationReport()
-    )
+    report = verify_model(proto, kept_feeds, kept_outputs, providers) if verify else VerificationReport()
     low = report.min_sqnr_db
     if low is not None and low < LOW_SQNR_DB:
         log.warning(
@@ -230,8 +317,8 @@ def quantize(
     timings["verify"] = time.perf_counter() - t3
     result = QuantizationResult(
         model=proto, output=out, target=backend.name, config=config, plan=plan, ranges=ranges, params=params,
-        vetoes=vetoes, calibration_batches=calibration.batches, calibration_samples=calibration.samples,
-        verification=report, float_bytes=float_bytes, quantized_bytes=proto.ByteSize(), seconds=timings,
+        vetoes=vetoes, calibration_batches=n_batches, calibration_samples=n_samples,
+        verification=report, float_bytes=p.float_bytes, quantized_bytes=proto.ByteSize(), seconds=timings,
     )
     if out is not None:
         save_model_atomic(proto, out)
@@ -262,7 +349,8 @@ def _add_implied_ranges(plan: QuantPlan, ranges: dict[str, tuple[float, float]])
 
 def _ranges(calibrator, statistics, plan: QuantPlan) -> dict[str, tuple[float, float]]:  # noqa: ANN001
     ranges = {}
-    for name, stat in statistics.items():
+    for name in plan.observed_tensors():
+        stat = statistics[name]
         spec = plan.tensors[name].spec
         lo, hi = calibrator.compute_range(name, stat, spec)
         ranges[name] = (float(lo), float(hi))

@@ -16,12 +16,12 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Literal
 import pluggy
 
 from . import hookspecs
-from .errors import OrtqError, PluginError
+from .errors import ConfigError, PluginError
 from .registry import Registry
 
 if TYPE_CHECKING:
     from .backend import Backend
-    from .calibrator import Calibrator
+    from .calibrator import Calibrator, Statistic
     from .op_quantizer import OpQuantizer
 
 __all__ = ["Toolkit", "PluginInfo", "BUILTIN_PLUGINS", "ENTRY_POINT_GROUP"]
@@ -40,6 +40,9 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "ortq.plugins.ops.data_movement",
     "ortq.plugins.ops.softmax",
     "ortq.plugins.calibrators.minmax",
+    "ortq.plugins.calibrators.percentile",
+    "ortq.plugins.calibrators.entropy",
+    "ortq.plugins.calibrators.mse",
     "ortq.plugins.backends.cpu",
 )
 
@@ -179,15 +182,15 @@ class Toolkit:
         cls = self.calibrators.get(_normalize(name))
         try:
             return cls(**options)
-        except TypeError as exc:
-            raise OrtqError(f"calibrator {name!r} does not accept options {sorted(options)}: {exc}") from None
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"calibrator {name!r}: bad options {sorted(options)}: {exc}") from None
 
     def backend(self, name: str, **options: Any) -> Backend:
         cls = self.backends.get(_normalize(name))
         try:
             return cls(**options)
-        except TypeError as exc:
-            raise OrtqError(f"backend {name!r} does not accept options {sorted(options)}: {exc}") from None
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"backend {name!r}: bad options {sorted(options)}: {exc}") from None
 
     def plugin_of(self, registry: Registry[Any], key: str) -> str:
         return registry.entry(key).plugin
@@ -198,6 +201,22 @@ class Toolkit:
         from .pipeline import quantize
 
         return quantize(self, model, output, **options)
+
+    def calibrate(self, model: Any, calibration_data: Any, **options: Any):  # noqa: ANN201
+        """Run calibration only and return a :class:`ortq.CalibrationState`; see :func:`ortq.pipeline.calibrate`."""
+        from .pipeline import calibrate
+
+        return calibrate(self, model, calibration_data, **options)
+
+    def statistic_types(self) -> list[type[Statistic]]:
+        """Statistic classes that registered calibrators can reduce (what a saved state may contain)."""
+        from .calibrator import MinMaxStatistic
+
+        types: dict[str, type[Statistic]] = {MinMaxStatistic.kind: MinMaxStatistic}
+        for entry in self.calibrators:
+            for stat_type in getattr(entry.value, "statistic_types", ()):
+                types.setdefault(stat_type.kind, stat_type)
+        return list(types.values())
 
     def plan(self, model: Any, **options: Any):  # noqa: ANN201
         """Plan without calibrating: which nodes would be quantized and why not; see ``ortq info``."""

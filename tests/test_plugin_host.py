@@ -197,5 +197,5 @@ def test_third_party_backend_is_a_target(tmp_path) -> None:
 def test_unknown_target_and_calibrator_list_what_exists(toolkit: ortq.Toolkit) -> None:
     with pytest.raises(ortq.ConfigError, match=r"no backend named 'gpu'; registered: cpu"):
         toolkit.quantize(tiny_cnn(), calibration_data=tiny_data(), target="gpu")
-    with pytest.raises(ortq.ConfigError, match=r"no calibrator named 'entropy'; registered: minmax"):
-        toolkit.quantize(tiny_cnn(), calibration_data=tiny_data(), calibrate_method="entropy")
+    with pytest.raises(ortq.ConfigError, match=r"no calibrator named 'kmeans'; registered: entropy, minmax, mse, percentile"):
+        toolkit.quantize(tiny_cnn(), calibration_data=tiny_data(), calibrate_method="kmeans")

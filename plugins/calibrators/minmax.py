@@ -3,28 +3,33 @@
 from __future__ import annotations
 
 from ortq import Calibrator, MinMaxStatistic, QuantSpec, Statistic, hookimpl
+from ortq.errors import CalibrationError
+from ortq.histogram import HistogramStatistic
+from ortq.options import option_bool, option_float
 
 
 class MinMaxCalibrator(Calibrator):
     """Exact over all samples, which makes it sensitive to outliers; ``moving_average`` damps single batches.
 
     ``symmetric`` widens the range to [-max|x|, max|x|] (ONNX Runtime's CalibTensorRangeSymmetric).
+    Histograms keep exact extremes too, so a state saved by a histogram calibrator serves min/max as well.
     """
 
     name = "minmax"
     description = "observed minimum and maximum (optionally a moving average of per-batch extremes)"
+    statistic_types = (MinMaxStatistic, HistogramStatistic)
 
     def __init__(self, moving_average: bool = False, averaging_constant: float = 0.01, symmetric: bool = False) -> None:
-        if not 0.0 < float(averaging_constant) <= 1.0:
-            raise ValueError("averaging_constant must be in (0, 1]")
-        self.averaging_constant = float(averaging_constant) if _truthy(moving_average) else None
-        self.symmetric = _truthy(symmetric)
+        constant = option_float("averaging_constant", averaging_constant, 0.0, 1.0, lo_open=True)
+        self.averaging_constant = constant if option_bool("moving_average", moving_average) else None
+        self.symmetric = option_bool("symmetric", symmetric)
 
     def create_statistic(self, tensor: str) -> Statistic:
         return MinMaxStatistic(self.averaging_constant)
 
     def compute_range(self, tensor: str, statistic: Statistic, spec: QuantSpec) -> tuple[float, float]:
-        assert isinstance(statistic, MinMaxStatistic)
+        if not isinstance(statistic, self.statistic_types):
+            raise CalibrationError(f"tensor {tensor!r}: minmax cannot use a {statistic.kind!r} statistic")
         if statistic.min is None or statistic.max is None:
             return 0.0, 0.0  # never saw a value (zero-size tensors): any scale represents it exactly
         lo, hi = statistic.min, statistic.max
@@ -32,13 +37,6 @@ class MinMaxCalibrator(Calibrator):
             bound = max(abs(lo), abs(hi))
             return -bound, bound
         return lo, hi
-
-
-def _truthy(value: object) -> bool:
-    """Options may arrive from the CLI as strings."""
-    if isinstance(value, str):
-        return value.strip().lower() in {"1", "true", "yes", "on"}
-    return bool(value)
 
 
 @hookimpl

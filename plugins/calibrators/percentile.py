@@ -1,0 +1,51 @@
+"""The ``percentile`` calibrator: clip the range at a percentile of the observed values."""
+
+from __future__ import annotations
+
+from ortq import Calibrator, QuantSpec, Statistic, hookimpl
+from ortq.histogram import HistogramStatistic, require_histogram
+from ortq.options import option_bool, option_float
+
+
+class PercentileCalibrator(Calibrator):
+    """Cut off the rarest values: the range ends at the ``percentile``-th percentile on each side.
+
+    Use it when a few outliers (a handful of huge activations in a few samples) would otherwise stretch
+    the range and waste most quantization levels; it is simple and predictable, and the knob says
+    directly how much of the data may be clipped (``100 - percentile`` percent on each side). On data
+    without outliers it stays close to min/max. ``percentile=100`` is min/max computed from the histogram.
+
+    Options (strings from the CLI are accepted): ``percentile`` (default 99.999, in [50, 100]) and
+    ``symmetric`` (default false): clip ``|x|`` at its percentile and use ``[-t, t]``, or ``[0, t]`` for a
+    tensor that never went negative. Statistics are exact streaming histograms
+    (:class:`ortq.histogram.HistogramStatistic`), so the result does not depend on batch order or size;
+    quantiles are interpolated inside a bin and exact to within one bin width.
+    """
+
+    name = "percentile"
+    description = "clip at a percentile of the values (default 99.999), from an exact streaming histogram"
+    statistic_types = (HistogramStatistic,)
+
+    def __init__(self, percentile: float = 99.999, symmetric: bool = False) -> None:
+        self.percentile = option_float("percentile", percentile, 50.0, 100.0)
+        self.symmetric = option_bool("symmetric", symmetric)
+
+    def create_statistic(self, tensor: str) -> Statistic:
+        return HistogramStatistic()
+
+    def compute_range(self, tensor: str, statistic: Statistic, spec: QuantSpec) -> tuple[float, float]:
+        hist = require_histogram(self.name, tensor, statistic)
+        if hist is None:
+            return 0.0, 0.0  # never saw a value (zero-size tensors): any scale represents it exactly
+        assert hist.min is not None and hist.max is not None
+        p = self.percentile / 100.0
+        if self.symmetric:
+            t = hist.abs_quantile(p)
+            return (0.0 if hist.min >= 0.0 else -t), t
+        lo, hi = hist.quantile(1.0 - p), hist.quantile(p)
+        return lo, max(lo, hi)
+
+
+@hookimpl
+def ortq_register_calibrators(register):
+    register(PercentileCalibrator)
