@@ -8,12 +8,13 @@ from ortq.options import option_bool, option_float
 
 
 class PercentileCalibrator(Calibrator):
-    """Cut off the rarest values: the range ends at the ``percentile``-th percentile on each side.
+    """Cut off the rarest values: the range keeps the central ``percentile`` percent of them.
 
     Use it when a few outliers (a handful of huge activations in a few samples) would otherwise stretch
     the range and waste most quantization levels; it is simple and predictable, and the knob says
-    directly how much of the data may be clipped (``100 - percentile`` percent on each side). On data
-    without outliers it stays close to min/max. ``percentile=100`` is min/max computed from the histogram.
+    directly how much of the data may be clipped: ``100 - percentile`` percent in all, half on each side,
+    as ONNX Runtime's percentile calibrator reads the same option (so ``CalibPercentile`` means the same in
+    both). On data without outliers it stays close to min/max. ``percentile=100`` is min/max.
 
     Options (strings from the CLI are accepted): ``percentile`` (default 99.999, in [50, 100]) and
     ``symmetric`` (default false): clip ``|x|`` at its percentile and use ``[-t, t]``, or ``[0, t]`` for a
@@ -42,7 +43,8 @@ class PercentileCalibrator(Calibrator):
         if self.symmetric:
             t = hist.abs_quantile(p)
             return (0.0 if hist.min >= 0.0 else -t), t
-        lo, hi = hist.quantile(1.0 - p), hist.quantile(p)
+        tail = (1.0 - p) / 2.0
+        lo, hi = hist.quantile(tail), hist.quantile(1.0 - tail)
         return lo, max(lo, hi)
 
 
