@@ -7,9 +7,10 @@ memory at one batch of activations (see ``custom_ops/observers.py``).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import onnx
@@ -45,12 +46,34 @@ def build_observed_model(
     model: onnx.ModelProto, index: GraphIndex, tensors: Sequence[str], token: str
 ) -> onnx.ModelProto:
     """A copy of ``model`` with an observer sink inserted right after each tensor's producer."""
+    observed = onnx.ModelProto()
+    observed.CopyFrom(model)
+    _insert_observers(observed, index, tensors, token)
+    return observed
+
+
+@contextlib.contextmanager
+def _observers_inserted(
+    model: onnx.ModelProto, index: GraphIndex, tensors: Sequence[str], token: str
+) -> Iterator[onnx.ModelProto]:
+    """``model`` itself with observers, restored on exit: no second copy of the weights is ever made."""
+    nodes = list(model.graph.node)
+    opsets = list(model.opset_import)
+    try:
+        _insert_observers(model, index, tensors, token)
+        yield model
+    finally:
+        del model.graph.node[:]
+        model.graph.node.extend(nodes)
+        del model.opset_import[:]
+        model.opset_import.extend(opsets)
+
+
+def _insert_observers(model: onnx.ModelProto, index: GraphIndex, tensors: Sequence[str], token: str) -> None:
     from ortq.custom_ops.observers import OBSERVER_DOMAIN, OBSERVER_OP
 
     position = {name: i for i, name in enumerate(tensors)}
-    observed = onnx.ModelProto()
-    observed.CopyFrom(model)
-    graph = observed.graph
+    graph = model.graph
     nodes = list(graph.node)
     del graph.node[:]
 
@@ -82,9 +105,8 @@ def build_observed_model(
     for node in nodes:
         graph.node.append(node)
         graph.node.extend(observers_for(node.output))
-    if not any(imp.domain == OBSERVER_DOMAIN for imp in observed.opset_import):
-        observed.opset_import.append(helper.make_opsetid(OBSERVER_DOMAIN, 1))
-    return observed
+    if not any(imp.domain == OBSERVER_DOMAIN for imp in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(OBSERVER_DOMAIN, 1))
 
 
 def run_calibration(
@@ -102,6 +124,8 @@ def run_calibration(
     """Feed every batch through the observed model and return one statistic per tensor.
 
     The first ``keep_samples`` samples' feeds and outputs are kept in the result for verification.
+    Observer nodes are added to ``model`` only while it is serialized for the session, then removed, so
+    the weights are never copied; do not share ``model`` with another thread during the call.
     """
     import onnxruntime as ort
 
@@ -109,7 +133,8 @@ def run_calibration(
 
     statistics = {name: calibrator.create_statistic(name) for name in tensors}
     sink = ObserverSink(list(tensors), [statistics[name].update for name in tensors])
-    observed = build_observed_model(model, index, tensors, sink.token)
+    with _observers_inserted(model, index, tensors, sink.token) as observed:
+        serialized = observed.SerializeToString()
     so = session_options if session_options is not None else ort.SessionOptions()
     so.register_custom_ops_library(library_path())
     so.execution_order = ort.ExecutionOrder.PRIORITY_BASED
@@ -117,11 +142,10 @@ def run_calibration(
         # ENABLE_ALL would add a layout copy per observed tensor; extended keeps the fusions that matter.
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
     try:
-        session = ort.InferenceSession(
-            observed.SerializeToString(), so, providers=list(providers or ["CPUExecutionProvider"])
-        )
+        session = ort.InferenceSession(serialized, so, providers=list(providers or ["CPUExecutionProvider"]))
     except Exception as exc:
         raise CalibrationError(f"ONNX Runtime cannot load the model for calibration: {exc}") from None
+    del serialized
     fetch = [o.name for o in model.graph.output]  # ONNX Runtime runs every node, sinks included
     result = CalibrationResult(statistics, 0, 0)
     with sink:
