@@ -12,7 +12,23 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-__all__ = ["GraphIndex", "node_label"]
+__all__ = ["GraphIndex", "node_label", "FLOAT_TYPES", "uses_float16"]
+
+#: Element types ortq quantizes. Float16 needs opset 19 Q/DQ, whose scales then are float16 too.
+FLOAT_TYPES = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16})
+
+
+def uses_float16(model: onnx.ModelProto) -> bool:
+    """True if any declared tensor of the main graph is float16 (the model then needs opset-19 Q/DQ)."""
+    g = model.graph
+    f16 = onnx.TensorProto.FLOAT16
+    if any(i.data_type == f16 for i in g.initializer):
+        return True
+    if any(v.type.tensor_type.elem_type == f16 for v in (*g.input, *g.output, *g.value_info)):
+        return True
+    return any(
+        n.op_type == "Cast" and any(a.name == "to" and a.i == f16 for a in n.attribute) for n in g.node
+    )
 
 
 def node_label(node: onnx.NodeProto) -> str:
@@ -80,8 +96,13 @@ class GraphIndex:
         return None
 
     def is_float(self, name: str) -> bool:
-        """Quantization applies to float32 tensors; unknown types are treated as not float (never guessed)."""
-        return self.elem_type(name) == onnx.TensorProto.FLOAT
+        """Quantization applies to float32 and float16 tensors; unknown types are never guessed to be float."""
+        return self.elem_type(name) in FLOAT_TYPES
+
+    def float_dtype(self, name: str) -> np.dtype:
+        """The numpy type of a float tensor: what its scale initializers must be (Q/DQ require it)."""
+        elem = self.elem_type(name)
+        return np.dtype(np.float16) if elem == onnx.TensorProto.FLOAT16 else np.dtype(np.float32)
 
     def shape(self, name: str) -> list[int | str | None] | None:
         if name in self.initializers:

@@ -67,7 +67,19 @@ def compute_params(
     for name, tp in plan.tensors.items():
         if isinstance(tp.role, Bias):
             _fit_bias_in_int32(name, tp, index, params)
+    for name, p in params.items():
+        if index.float_dtype(name) == np.float16:
+            params[name] = _float16_exact(p)
     return params, vetoes
+
+
+def _float16_exact(p: QuantParams) -> QuantParams:
+    """A float16 tensor's Q/DQ take float16 scales: use exactly the values the model will store.
+
+    Scales are kept at or above float16's smallest subnormal so none rounds to zero.
+    """
+    scale = np.maximum(p.scale, np.float32(2.0**-24)).astype(np.float16).astype(np.float32)
+    return QuantParams(scale, p.zero_point, p.qtype, p.axis, source=p.source)
 
 
 _INT32_MAX = float(np.iinfo(np.int32).max)
@@ -146,7 +158,7 @@ def _weight_params(values: np.ndarray, spec: QuantSpec, name: str) -> QuantParam
 
 
 def bias_params(
-    plan: QuantPlan, params: dict[str, QuantParams]
+    plan: QuantPlan, params: dict[str, QuantParams], index: GraphIndex
 ) -> dict[str, tuple[np.ndarray, int | None]]:
     """int32 bias scales (input scale x weight scale, per output channel) for biases whose factors exist."""
     scales: dict[str, tuple[np.ndarray, int | None]] = {}
@@ -157,6 +169,8 @@ def bias_params(
         if x is None or w is None or x.per_channel:
             continue
         scale = (x.scale.astype(np.float64) * w.scale.astype(np.float64)).astype(np.float32)
+        if index.float_dtype(name) == np.float16:
+            scale = np.maximum(scale, np.float32(2.0**-24)).astype(np.float16).astype(np.float32)
         scales[name] = (scale, 0 if w.per_channel else None)
     return scales
 

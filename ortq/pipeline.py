@@ -18,7 +18,7 @@ from .calibrate import run_calibration
 from .config import QuantConfig
 from .data import iter_batches, model_inputs
 from .errors import CalibrationError, ConfigError, ModelError
-from .graph import GraphIndex
+from .graph import GraphIndex, uses_float16
 from .op_quantizer import Activation, SameAs
 from .model_io import check_output_path, load_model, model_opset, save_model_atomic, upgrade_opset
 from .params import bias_params, compute_params
@@ -136,7 +136,9 @@ def _prepare(toolkit: Toolkit, model: Any, target: str, overrides: dict[str, Any
     label = str(source) if source else "model"
     float_bytes = proto.ByteSize()
     fingerprint = model_fingerprint(proto)
-    proto = upgrade_opset(proto, max(10, config.required_opset), label)
+    # Float16 tensors need opset 19, where QuantizeLinear/DequantizeLinear accept float16 scales.
+    required = max(10, config.required_opset, 19 if uses_float16(proto) else 0)
+    proto = upgrade_opset(proto, required, label)
     if model_opset(proto) >= 21 and proto.ir_version < 10:
         proto.ir_version = 10
     elif proto.ir_version < 7 and model_opset(proto) >= 13:
@@ -302,7 +304,7 @@ def quantize(
         plan = make_plan(toolkit, index, config, backend, vetoed=vetoes)
     else:
         raise ModelError(f"{label}: quantization plan did not settle after {_MAX_REPLANS} rounds of vetoes")
-    rewrite_qdq(proto, index, plan, params, bias_params(plan, params))
+    rewrite_qdq(proto, index, plan, params, bias_params(plan, params, index))
     timings["rewrite"] = time.perf_counter() - t2
 
     t3 = time.perf_counter()

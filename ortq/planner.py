@@ -197,7 +197,7 @@ def _admit(
         if name in vetoed:
             return LeaveFloat(f"tensor {name!r}: {vetoed[name]}")
         if not index.is_float(name):
-            return LeaveFloat(f"tensor {name!r} is not float32")
+            return LeaveFloat(f"tensor {name!r} is not a float32 or float16 tensor")
         constant = index.is_constant(name)
         if isinstance(role, Bias):
             if not config.quantize_bias:

@@ -68,7 +68,8 @@ def rewrite_qdq(
                 continue
             scale, axis = bias_scales[name]
             values = index.constant_value(name).astype(np.float64)
-            head.append(_constant_dq(graph, names, name, _quantize_bias(values, scale, name), scale, None, axis))
+            q = _quantize_bias(values, scale, name)
+            head.append(_constant_dq(graph, names, name, q, scale.astype(index.float_dtype(name)), None, axis))
             replacement[name] = head[-1].output[0]
             continue
         p = params.get(name)
@@ -77,10 +78,11 @@ def rewrite_qdq(
         if tp.constant:
             values = index.constant_value(name)
             q = quantize_array(values, p)
-            head.append(_constant_dq(graph, names, name, q, p.scale, p.zero_point, p.axis if p.per_channel else None))
+            scale = p.scale.astype(index.float_dtype(name))
+            head.append(_constant_dq(graph, names, name, q, scale, p.zero_point, p.axis if p.per_channel else None))
             replacement[name] = head[-1].output[0]
             continue
-        scale = _add_init(graph, names(f"{name}_scale"), p.scale)
+        scale = _add_init(graph, names(f"{name}_scale"), p.scale.astype(index.float_dtype(name)))
         zero_point = _add_init(graph, names(f"{name}_zero_point"), p.zero_point)
         source = name
         if name in index.graph_outputs:
