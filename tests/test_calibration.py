@@ -150,3 +150,21 @@ def test_extreme_fill_value_keeps_its_nodes_float_and_the_model_useful(
     assert any("stays float" in r.message and "'bias'" in r.message for r in caplog.records)
     onnx.checker.check_model(result.model, full_check=True)
     assert sqnr_db(run(model, data)[0], run(result.model, data)[0]) > 25
+
+
+@pytest.mark.parametrize("method", ["minmax", "percentile"])
+def test_dynamic_shapes_and_zero_size_batches(toolkit: ortq.Toolkit, method: str) -> None:
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array((rng.standard_normal((8, 4)) * 0.3).astype(np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["m"], name="mm"), helper.make_node("Relu", ["m"], ["y"], name="relu")],
+        "dyn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "S", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", "S", 4])], [w],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    feeds = [{"x": rng.standard_normal((2, s, 8)).astype(np.float32)} for s in (5, 0, 11, 3)]
+    result = toolkit.quantize(model, calibration_data=feeds, calibrate_method=method)
+    assert result.calibration_batches == 4
+    onnx.checker.check_model(result.model, full_check=True)
+    feed = {"x": rng.standard_normal((3, 7, 8)).astype(np.float32)}
+    assert sqnr_db(run(model, feed)[0], run(result.model, feed)[0]) > 25
