@@ -22,8 +22,11 @@ class Backend:
     ``default_config`` is the scheme the target runs best; the user's explicit options override it.
     ``excluded_op_types`` are ops the target runs slower (or no faster) quantized; every other op with a
     registered op quantizer, third-party ones included, is quantized by default. A target that supports
-    only a few ops sets ``default_op_types`` instead. ``leave_float`` vetoes single nodes (returning the
-    reason); ``export`` writes whatever the target needs beside the model.
+    only a few ops sets ``default_op_types`` instead. ``prepare`` rewrites the float model before planning
+    (folding BatchNormalization for a target that runs Conv only, say); ``leave_float`` vetoes single
+    nodes (returning the reason); ``export`` writes whatever the target needs beside the model, and may
+    raise :class:`ortq.ModelError` naming a node the target cannot run. Constructor keyword arguments are
+    the backend's options (``backend_options=`` in Python, ``--backend-option key=value`` on the CLI).
     """
 
     name: ClassVar[str] = ""
@@ -33,6 +36,10 @@ class Backend:
 
     def default_config(self) -> QuantConfig:
         return QuantConfig(op_types=self.default_op_types, excluded_op_types=self.excluded_op_types)
+
+    def prepare(self, model: onnx.ModelProto) -> onnx.ModelProto:
+        """The float model as the target will run it; the pipeline's private copy, free to edit."""
+        return model
 
     def leave_float(self, node: onnx.NodeProto, ctx: PlanContext) -> str | None:
         return None

@@ -168,6 +168,7 @@ def build_cli(toolkit: Toolkit) -> click.Group:
     @click.option("--max-samples", type=click.IntRange(min=1), default=None)
     @click.option("--extreme-range", type=float, default=None, help="Keep float any tensor whose |range| exceeds this.")
     @click.option("--verify/--no-verify", default=True, show_default=True, help="Compare with the float model on calibration samples.")
+    @click.option("--backend-option", multiple=True, metavar="KEY=VALUE", help="Option for the target backend; repeatable.")
     @_session_options
     @_image_flags
     @click.pass_context
@@ -176,8 +177,8 @@ def build_cli(toolkit: Toolkit) -> click.Group:
                  calibrator_option: tuple[str, ...], activation_type: str | None, weight_type: str | None, per_channel: bool | None,
                  activation_symmetric: bool | None, weight_symmetric: bool | None, reduce_range: bool | None, op_types: str | None,
                  nodes_to_quantize: str | None, nodes_to_exclude: str | None, batch_size: int | None, max_samples: int | None,
-                 extreme_range: float | None, verify: bool, provider: tuple[str, ...], intra_op_threads: int | None,
-                 **image_flags: Any) -> None:
+                 extreme_range: float | None, verify: bool, backend_option: tuple[str, ...], provider: tuple[str, ...],
+                 intra_op_threads: int | None, **image_flags: Any) -> None:
         """Statically quantize MODEL to QDQ form, from calibration data or a saved calibration state."""
         if (calibration_data is None) == (calibration_state is None):
             raise click.UsageError("give exactly one of --calibration-data and --calibration-state")
@@ -185,6 +186,7 @@ def build_cli(toolkit: Toolkit) -> click.Group:
             result = toolkit.quantize(
                 model, output, calibration_data=calibration_data, calibration_state=calibration_state,
                 target=target, calibrate_method=calibrate_method, providers=list(provider) or None,
+                backend_options=_key_values(backend_option) or None,
                 session_options=_make_session_options(intra_op_threads), image_options=_make_image_options(**image_flags),
                 calibrator_options=_key_values(calibrator_option) or None, activation_type=activation_type,
                 weight_type=weight_type, per_channel=per_channel, activation_symmetric=activation_symmetric,
@@ -302,12 +304,54 @@ def build_cli(toolkit: Toolkit) -> click.Group:
         click.echo(f"targets: {', '.join(toolkit.backends.names())}")
         click.echo(f"calibrators: {', '.join(toolkit.calibrators.names())}")
 
+    @cli.group()
+    def export() -> None:
+        """Quantize for a deployment target and write what it needs (one command per target backend)."""
+
+    for entry in toolkit.backends:
+        export.add_command(_export_command(toolkit, entry.name, entry.value))
+
     for impl in toolkit.pm.hook.ortq_register_commands.get_hookimpls():
         try:
             impl.function(cli=cli)
         except Exception as exc:
             raise OrtqError(f"plugin {impl.plugin_name!r} failed to add its commands: {exc!r}") from exc
     return cli
+
+
+def _export_command(toolkit: Toolkit, name: str, backend_cls: Any) -> click.Command:
+    """``ortq export NAME``: built from the backend registry, so a plugin's target gets its command too."""
+
+    @click.command(name=name, help=f"{backend_cls.description or name}: quantize MODEL and export to OUT_DIR.")
+    @click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+    @click.option("-o", "--out-dir", required=True, type=click.Path(file_okay=False, path_type=Path))
+    @click.option("-d", "--calibration-data", type=click.Path(path_type=Path), default=None)
+    @click.option("-s", "--calibration-state", type=click.Path(dir_okay=False, path_type=Path), default=None)
+    @click.option("--calibrate-method", default=None)
+    @click.option("--calibrator-option", multiple=True, metavar="KEY=VALUE")
+    @click.option("--backend-option", multiple=True, metavar="KEY=VALUE", help=f"Option for the {name} backend; repeatable.")
+    @click.option("--batch-size", type=click.IntRange(min=1), default=None)
+    @click.option("--max-samples", type=click.IntRange(min=1), default=None)
+    @_image_flags
+    def command(model: Path, out_dir: Path, calibration_data: Path | None, calibration_state: Path | None,
+                calibrate_method: str | None, calibrator_option: tuple[str, ...], backend_option: tuple[str, ...],
+                batch_size: int | None, max_samples: int | None, **image_flags: Any) -> None:
+        if (calibration_data is None) == (calibration_state is None):
+            raise click.UsageError("give exactly one of --calibration-data and --calibration-state")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with _progress(calibration_data, max_samples) as bar:
+            result = toolkit.quantize(
+                model, out_dir / f"{model.stem}.{name}.onnx", calibration_data=calibration_data,
+                calibration_state=calibration_state, target=name, calibrate_method=calibrate_method,
+                calibrator_options=_key_values(calibrator_option) or None,
+                backend_options=_key_values(backend_option) or None, batch_size=batch_size, max_samples=max_samples,
+                image_options=_make_image_options(**image_flags), progress=bar.update,
+            )
+        click.echo(result.summary())
+        for path in [result.output, *result.artifacts]:
+            click.echo(f"wrote {path}")
+
+    return command
 
 
 def _toolkit_from_environment() -> Toolkit:

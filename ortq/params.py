@@ -14,7 +14,7 @@ import numpy as np
 
 from .errors import ModelError
 from .op_quantizer import Activation, Bias, SameAs, Weight
-from .scheme import QuantParams, QuantSpec, params_from_range
+from .scheme import QuantParams, QuantSpec, is_power_of_two, params_from_range
 
 if TYPE_CHECKING:
     from .config import QuantConfig
@@ -106,7 +106,10 @@ def _fit_bias_in_int32(name: str, tp, index: GraphIndex, params: dict[str, Quant
         "bias %r would overflow int32 at weight %r's scale; widening that scale by up to %.3gx",
         name, tp.bias_weight, float(np.max(factor)),
     )
-    scale = (current * factor * (1 + 1e-6)).astype(np.float32).reshape(w.scale.shape)
+    scale = (current * factor * (1 + 1e-6)).reshape(w.scale.shape)
+    if is_power_of_two(w.scale):  # a shift-only target: stay on powers of two
+        scale = np.exp2(np.ceil(np.log2(scale)))
+    scale = scale.astype(np.float32)
     if w.qtype.signed and np.all(w.zero_point == 0):
         zero_point = w.zero_point
     else:  # keep real zero where it was: the zero point moves towards the middle as the scale grows

@@ -17,7 +17,7 @@ import onnx
 from .calibrate import run_calibration
 from .config import QuantConfig
 from .data import iter_batches, model_inputs
-from .errors import CalibrationError, ConfigError, ModelError
+from .errors import CalibrationError, ConfigError, ModelError, OrtqError, PluginError
 from .graph import GraphIndex, uses_float16
 from .op_quantizer import Activation, SameAs
 from .model_io import check_output_path, load_model, model_opset, save_model_atomic, upgrade_opset
@@ -130,7 +130,7 @@ def _prepare(toolkit: Toolkit, model: Any, target: str, overrides: dict[str, Any
     unknown = set(overrides) - _OVERRIDES
     if unknown:
         raise ConfigError(f"unknown option(s) {sorted(unknown)}; supported: {sorted(_OVERRIDES)}")
-    backend = toolkit.backend(target)
+    backend = toolkit.backend(target, **(overrides.pop("backend_options", None) or {}))
     config = resolve_config(backend, **overrides)
     proto, source = load_model(model)
     label = str(source) if source else "model"
@@ -144,6 +144,12 @@ def _prepare(toolkit: Toolkit, model: Any, target: str, overrides: dict[str, Any
     elif proto.ir_version < 7 and model_opset(proto) >= 13:
         proto.ir_version = 7
     _name_nodes(proto)
+    try:
+        proto = backend.prepare(proto)
+    except OrtqError:
+        raise
+    except Exception as exc:
+        raise PluginError(f"backend {backend.name!r} failed to prepare {label}: {exc!r}") from exc
     try:
         proto = onnx.shape_inference.infer_shapes(proto)
     except Exception as exc:  # shape inference is a help, never a requirement
@@ -324,14 +330,19 @@ def quantize(
     )
     if out is not None:
         save_model_atomic(proto, out)
-        result.artifacts = backend.export(result, out.parent)
+        try:
+            result.artifacts = backend.export(result, out.parent)
+        except OrtqError:
+            raise
+        except Exception as exc:
+            raise PluginError(f"backend {backend.name!r} failed to export: {exc!r}") from exc
     return result
 
 
 _OVERRIDES = {
     "activation_type", "weight_type", "activation_symmetric", "weight_symmetric", "per_channel", "reduce_range",
     "quantize_bias", "matmul_const_b_only", "op_types_to_quantize", "nodes_to_quantize", "nodes_to_exclude",
-    "op_types_no_output_quantization", "calibrate_method", "calibrator_options", "extreme_range",
+    "op_types_no_output_quantization", "calibrate_method", "calibrator_options", "extreme_range", "backend_options",
 }
 
 

@@ -21,6 +21,7 @@ __all__ = [
     "params_from_range",
     "quantize_array",
     "dequantize_array",
+    "is_power_of_two",
 ]
 
 
@@ -101,9 +102,11 @@ class QuantSpec:
     symmetric: bool = False
     axis: int | None = None
     reduce_range: bool = False
+    #: Scales restricted to 2**k (real = int * 2**exponent), as fixed-point targets such as ESP-DL shift.
+    power_of_two: bool = False
 
     def with_axis(self, axis: int | None) -> "QuantSpec":
-        return QuantSpec(self.qtype, self.symmetric, axis, self.reduce_range)
+        return QuantSpec(self.qtype, self.symmetric, axis, self.reduce_range, self.power_of_two)
 
 
 @dataclass
@@ -144,8 +147,11 @@ def params_from_range(
 
     The range is first widened to include zero. A range of zero width (a constant-zero tensor) gets scale 1,
     which quantizes it exactly; scales are kept at or above float32's smallest normal so they stay positive
-    after the float32 cast.
+    after the float32 cast. ``spec.power_of_two`` rounds each scale up to the next power of two (the range
+    stays covered; a symmetric scheme is required, since a shift cannot apply a zero point).
     """
+    if spec.power_of_two and not spec.symmetric:
+        raise ValueError("power-of-two scales need a symmetric scheme")
     lo = np.minimum(np.asarray(lo, dtype=np.float64), 0.0)
     hi = np.maximum(np.asarray(hi, dtype=np.float64), 0.0)
     if not (np.all(np.isfinite(lo)) and np.all(np.isfinite(hi))):
@@ -161,7 +167,15 @@ def params_from_range(
         zero_point = np.clip(np.round(qmin - lo / safe), qmin, qmax).astype(np.int64)
     zero_width = scale == 0
     scale = np.where(zero_width, 1.0, np.maximum(scale, np.finfo(np.float32).tiny))
+    if spec.power_of_two:
+        scale = np.exp2(np.ceil(np.log2(scale)))
     return QuantParams(scale.astype(np.float32), zero_point, spec.qtype, spec.axis)
+
+
+def is_power_of_two(scale: np.ndarray) -> bool:
+    """True if every scale is exactly 2**k."""
+    mantissa, _ = np.frexp(np.asarray(scale, dtype=np.float64))
+    return bool(np.all(mantissa == 0.5))
 
 
 def _broadcastable(params: QuantParams, ndim: int) -> tuple[np.ndarray, np.ndarray]:

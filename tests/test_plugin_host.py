@@ -194,6 +194,36 @@ def test_third_party_backend_is_a_target(tmp_path) -> None:
     assert np.isfinite([float(v) for line in lines for v in line.split()[1:]]).all()
 
 
+def test_third_party_backend_gets_an_export_command(tmp_path, cnn_files) -> None:
+    class Npu(ortq.Backend):
+        name = "npu"
+        description = "an imaginary NPU"
+
+        def __init__(self, table_name: str = "npu_table.txt") -> None:
+            self.table_name = table_name
+
+        def export(self, result, out_dir):
+            path = out_dir / self.table_name
+            path.write_text("\n".join(f"{t} {hi}" for t, (_, hi) in sorted(result.ranges.items())))
+            return [path]
+
+    class Plugin:
+        @ortq.hookimpl
+        def ortq_register_backends(self, register):
+            register(Npu)
+
+    cli = build_cli(ortq.Toolkit([Plugin()], autoload=False))
+    listed = CliRunner().invoke(cli, ["export", "--help"])
+    assert "npu" in listed.output and "an imaginary NPU" in listed.output and "cpu" in listed.output
+    model, data = cnn_files
+    out = tmp_path / "export"
+    result = CliRunner().invoke(cli, ["export", "npu", str(model), "-o", str(out), "-d", str(data),
+                                      "--backend-option", "table_name=scales.txt"])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.iterdir()) == ["model.npu.onnx", "scales.txt"]
+    assert (out / "scales.txt").read_text().count("\n") >= 2
+
+
 def test_unknown_target_and_calibrator_list_what_exists(toolkit: ortq.Toolkit) -> None:
     with pytest.raises(ortq.ConfigError, match=r"no backend named 'gpu'; registered: cpu"):
         toolkit.quantize(tiny_cnn(), calibration_data=tiny_data(), target="gpu")

@@ -84,3 +84,17 @@ def test_quantize_array_matches_onnxruntime(qtype: QuantType) -> None:
     model.ir_version = 10
     expected = run(model, {"x": values})[0]
     np.testing.assert_array_equal(quantize_array(values, p), expected)
+
+
+@pytest.mark.parametrize("qtype", [QuantType.INT8, QuantType.INT16])
+def test_power_of_two_scales_cover_the_range(qtype: QuantType) -> None:
+    from ortq.scheme import is_power_of_two
+
+    spec = QuantSpec(qtype, symmetric=True, power_of_two=True)
+    for absmax in (1e-3, 0.7, 1.0, 5.5, 300.0):
+        p = params_from_range(-absmax / 3, absmax, spec)
+        assert is_power_of_two(p.scale) and int(p.zero_point) == 0
+        qmax = np.iinfo(qtype.numpy_dtype).max
+        assert float(p.scale) * qmax >= absmax > float(p.scale) * qmax / 2  # the smallest covering power
+    with pytest.raises(ValueError, match="symmetric"):
+        params_from_range(0, 1, QuantSpec(QuantType.INT8, symmetric=False, power_of_two=True))
