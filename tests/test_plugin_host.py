@@ -229,3 +229,18 @@ def test_unknown_target_and_calibrator_list_what_exists(toolkit: ortq.Toolkit) -
         toolkit.quantize(tiny_cnn(), calibration_data=tiny_data(), target="gpu")
     with pytest.raises(ortq.ConfigError, match=r"no calibrator named 'kmeans'; registered: entropy, minmax, mse, percentile"):
         toolkit.quantize(tiny_cnn(), calibration_data=tiny_data(), calibrate_method="kmeans")
+
+
+def test_cpu_target_reduces_range_only_without_vnni() -> None:
+    from ortq.plugins.backends.cpu import cpu_lacks_vnni
+
+    assert cpu_lacks_vnni("flags\t: fpu sse2 avx2 fma") is True
+    assert cpu_lacks_vnni("flags\t: fpu sse2 avx2 avx512f avx512_vnni") is False
+    assert cpu_lacks_vnni("flags\t: fpu avx2 avx_vnni") is False
+    tk = ortq.Toolkit(autoload=False)
+    assert tk.backend("cpu", reduce_range="true").default_config().weight.reduce_range is True
+    assert tk.backend("cpu", reduce_range="false").default_config().weight.reduce_range is False
+    result = tk.quantize(tiny_cnn(), calibration_data=tiny_data(), backend_options={"reduce_range": "true"})
+    assert result.config.weight.reduce_range and float(np.abs(result.params["w1"].scale).min()) > 0
+    with pytest.raises(ortq.ConfigError, match="reduce_range"):
+        tk.backend("cpu", reduce_range="sometimes")
