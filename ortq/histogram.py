@@ -30,11 +30,12 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from .calibrator import Statistic
+from .calibrator import Calibrator, Statistic
 from .errors import CalibrationError
 
 __all__ = [
     "HistogramStatistic",
+    "HistogramCalibrator",
     "DEFAULT_HALF_BINS",
     "require_histogram",
     "quantization_steps",
@@ -342,6 +343,28 @@ def require_histogram(calibrator: str, tensor: str, statistic: Statistic) -> His
     if statistic.empty():
         return None
     return statistic
+
+
+class HistogramCalibrator(Calibrator):
+    """Base for calibrators that reduce a :class:`HistogramStatistic` (percentile, entropy, mse, plugins).
+
+    Subclasses implement :meth:`range_from_histogram`; the checks (wrong statistic kind, NaN/Inf, a
+    tensor that never held a value) are done once, here.
+    """
+
+    statistic_types = (HistogramStatistic,)
+
+    def create_statistic(self, tensor: str) -> Statistic:
+        return HistogramStatistic()
+
+    def compute_range(self, tensor: str, statistic: Statistic, spec: Any) -> tuple[float, float]:
+        hist = require_histogram(self.name, tensor, statistic)
+        if hist is None:
+            return 0.0, 0.0  # never saw a value (zero-size tensors): any scale represents it exactly
+        return self.range_from_histogram(tensor, hist, spec)
+
+    def range_from_histogram(self, tensor: str, hist: HistogramStatistic, spec: Any) -> tuple[float, float]:
+        raise NotImplementedError
 
 
 def quantization_steps(spec: Any, one_sided: bool) -> tuple[int, bool]:

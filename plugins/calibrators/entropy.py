@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from ortq import Calibrator, QuantSpec, Statistic, hookimpl
-from ortq.histogram import HistogramStatistic, quantization_steps, require_histogram
+from ortq import QuantSpec, hookimpl
+from ortq.histogram import HistogramCalibrator, HistogramStatistic, quantization_steps
 from ortq.options import option_bool, option_int
 
 #: Weight of the uniform distribution mixed into Q so that KL(P || Q) stays finite.
 _SMOOTHING = 1e-4
 
 
-class EntropyCalibrator(Calibrator):
+class EntropyCalibrator(HistogramCalibrator):
     """Pick the clipping threshold whose quantized distribution loses the least information (KL divergence).
 
     The TensorRT method: for each candidate threshold ``t`` (a bin edge of the ``|x|`` histogram) the
@@ -38,7 +38,6 @@ class EntropyCalibrator(Calibrator):
 
     name = "entropy"
     description = "KL-divergence (TensorRT) threshold search on an exact streaming histogram of |x|"
-    statistic_types = (HistogramStatistic,)
 
     def __init__(
         self, num_quantized_bins: int | None = None, num_candidates: int = 128, symmetric: bool = False
@@ -52,13 +51,7 @@ class EntropyCalibrator(Calibrator):
         self.num_candidates = option_int("num_candidates", num_candidates, 1, 1 << 20)
         self.symmetric = option_bool("symmetric", symmetric)
 
-    def create_statistic(self, tensor: str) -> Statistic:
-        return HistogramStatistic()
-
-    def compute_range(self, tensor: str, statistic: Statistic, spec: QuantSpec) -> tuple[float, float]:
-        hist = require_histogram(self.name, tensor, statistic)
-        if hist is None:
-            return 0.0, 0.0
+    def range_from_histogram(self, tensor: str, hist: HistogramStatistic, spec: QuantSpec) -> tuple[float, float]:
         assert hist.min is not None and hist.max is not None
         levels = self.num_quantized_bins
         if levels is None:

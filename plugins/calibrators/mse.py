@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from ortq import Calibrator, QuantSpec, Statistic, hookimpl
-from ortq.histogram import HistogramStatistic, quantization_steps, require_histogram
+from ortq import QuantSpec, hookimpl
+from ortq.histogram import HistogramCalibrator, HistogramStatistic, quantization_steps
 from ortq.options import option_bool
 
 
-class MseCalibrator(Calibrator):
+class MseCalibrator(HistogramCalibrator):
     """Minimize the expected squared error that quantization adds to the tensor, rounding plus clipping.
 
     For every bin edge ``t`` of the ``|x|`` histogram, the error is the rounding noise of the values
@@ -26,18 +26,11 @@ class MseCalibrator(Calibrator):
 
     name = "mse"
     description = "threshold minimizing expected squared quantization error, from an exact streaming histogram"
-    statistic_types = (HistogramStatistic,)
 
     def __init__(self, symmetric: bool = False) -> None:
         self.symmetric = option_bool("symmetric", symmetric)
 
-    def create_statistic(self, tensor: str) -> Statistic:
-        return HistogramStatistic()
-
-    def compute_range(self, tensor: str, statistic: Statistic, spec: QuantSpec) -> tuple[float, float]:
-        hist = require_histogram(self.name, tensor, statistic)
-        if hist is None:
-            return 0.0, 0.0
+    def range_from_histogram(self, tensor: str, hist: HistogramStatistic, spec: QuantSpec) -> tuple[float, float]:
         assert hist.min is not None and hist.max is not None
         lo, hi = hist.min, hist.max
         folded = hist.folded()

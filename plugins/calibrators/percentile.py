@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from ortq import Calibrator, QuantSpec, Statistic, hookimpl
-from ortq.histogram import HistogramStatistic, require_histogram
+from ortq import QuantSpec, hookimpl
+from ortq.histogram import HistogramCalibrator, HistogramStatistic
 from ortq.options import option_bool, option_float
 
 
-class PercentileCalibrator(Calibrator):
+class PercentileCalibrator(HistogramCalibrator):
     """Cut off the rarest values: the range keeps the central ``percentile`` percent of them.
 
     Use it when a few outliers (a handful of huge activations in a few samples) would otherwise stretch
@@ -25,19 +25,12 @@ class PercentileCalibrator(Calibrator):
 
     name = "percentile"
     description = "clip at a percentile of the values (default 99.999), from an exact streaming histogram"
-    statistic_types = (HistogramStatistic,)
 
     def __init__(self, percentile: float = 99.999, symmetric: bool = False) -> None:
         self.percentile = option_float("percentile", percentile, 50.0, 100.0)
         self.symmetric = option_bool("symmetric", symmetric)
 
-    def create_statistic(self, tensor: str) -> Statistic:
-        return HistogramStatistic()
-
-    def compute_range(self, tensor: str, statistic: Statistic, spec: QuantSpec) -> tuple[float, float]:
-        hist = require_histogram(self.name, tensor, statistic)
-        if hist is None:
-            return 0.0, 0.0  # never saw a value (zero-size tensors): any scale represents it exactly
+    def range_from_histogram(self, tensor: str, hist: HistogramStatistic, spec: QuantSpec) -> tuple[float, float]:
         assert hist.min is not None and hist.max is not None
         p = self.percentile / 100.0
         if self.symmetric:
