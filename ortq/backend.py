@@ -37,6 +37,9 @@ class Backend:
     def default_config(self) -> QuantConfig:
         return QuantConfig(op_types=self.default_op_types, excluded_op_types=self.excluded_op_types)
 
+    def check_config(self, config: QuantConfig) -> None:
+        """Refuse (with :class:`ortq.ConfigError`) user options the target cannot run, before any work."""
+
     def prepare(self, model: onnx.ModelProto) -> onnx.ModelProto:
         """The float model as the target will run it; the pipeline's private copy, free to edit."""
         return model

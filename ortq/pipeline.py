@@ -88,8 +88,8 @@ def resolve_config(backend: Backend, **overrides: Any) -> QuantConfig:
     a_sym = _pick(overrides.get("activation_symmetric"), act.symmetric)
     w_sym = _pick(overrides.get("weight_symmetric"), wgt.symmetric)
     reduce = _pick(overrides.get("reduce_range"), wgt.reduce_range)
-    config.activation = QuantSpec(a_type, a_sym, None, False)
-    config.weight = QuantSpec(w_type, w_sym, None, reduce)
+    config.activation = QuantSpec(a_type, a_sym, None, False, act.power_of_two)
+    config.weight = QuantSpec(w_type, w_sym, None, reduce, wgt.power_of_two)
     config.per_channel = _pick(overrides.get("per_channel"), config.per_channel)
     config.quantize_bias = _pick(overrides.get("quantize_bias"), config.quantize_bias)
     config.matmul_const_b_only = _pick(overrides.get("matmul_const_b_only"), config.matmul_const_b_only)
@@ -109,6 +109,7 @@ def resolve_config(backend: Backend, **overrides: Any) -> QuantConfig:
         config.calibrator_options = dict(overrides["calibrator_options"])
     if config.extreme_range <= 0:
         raise ConfigError("extreme_range must be positive")
+    backend.check_config(config)
     return config
 
 

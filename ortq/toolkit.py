@@ -44,6 +44,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "ortq.plugins.calibrators.entropy",
     "ortq.plugins.calibrators.mse",
     "ortq.plugins.backends.cpu",
+    "ortq.plugins.backends.esp32",
     "ortq.plugins.backends.tensorrt",
 )
 
