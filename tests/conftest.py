@@ -61,6 +61,23 @@ def cnn_files(tmp_path: Path) -> tuple[Path, Path]:
     return model_path, data_path
 
 
+@pytest.fixture(scope="session")
+def digits(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The bundled example's CNN trained on scikit-learn's digits, once per test session (about 15 s)."""
+    import importlib.util
+    import sys
+
+    pytest.importorskip("sklearn", reason="the digits example needs the 'examples' extra (scikit-learn)")
+    script = Path(__file__).resolve().parents[1] / "examples" / "digits" / "train.py"
+    spec = importlib.util.spec_from_file_location("digits_train", script)
+    train = importlib.util.module_from_spec(spec)
+    sys.modules["digits_train"] = train
+    spec.loader.exec_module(train)
+    out = tmp_path_factory.mktemp("digits")
+    assert train.build(out)["accuracy"] > 0.97
+    return out
+
+
 def run(model: onnx.ModelProto | str | Path, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
     import onnxruntime as ort
 

@@ -3,11 +3,9 @@ integer simulation against ONNX Runtime, and refusal of what the chip cannot run
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,26 +22,12 @@ from ortq.plugins.backends.esp32.chips import HALF_EVEN, HALF_UP
 from ortq.plugins.backends.esp32.codegen import filter_layout, filter_unlayout
 from ortq.plugins.backends.esp32.qdq import round_div
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "digits"
 
 
 # -- fixtures -------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def toolkit() -> ortq.Toolkit:
     return ortq.Toolkit(autoload=False)
-
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The bundled example's CNN, trained once for this module on scikit-learn's digits."""
-    pytest.importorskip("sklearn", reason="the digits example needs the 'examples' extra (scikit-learn)")
-    spec = importlib.util.spec_from_file_location("digits_train_esp32", EXAMPLE / "train.py")
-    train = importlib.util.module_from_spec(spec)
-    sys.modules["digits_train_esp32"] = train
-    spec.loader.exec_module(train)
-    out = tmp_path_factory.mktemp("digits_esp32")
-    assert train.build(out)["accuracy"] > 0.97
-    return out
 
 
 def _export(toolkit: ortq.Toolkit, digits: Path, out: Path, **options) -> ortq.pipeline.QuantizationResult:

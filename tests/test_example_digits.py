@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,20 +11,6 @@ from conftest import run
 
 import ortq
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "digits"
-
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    pytest.importorskip("sklearn", reason="the digits example needs the 'examples' extra (scikit-learn)")
-    spec = importlib.util.spec_from_file_location("digits_train", EXAMPLE / "train.py")
-    train = importlib.util.module_from_spec(spec)
-    sys.modules["digits_train"] = train
-    spec.loader.exec_module(train)
-    out = tmp_path_factory.mktemp("digits")
-    info = train.build(out)
-    assert info["accuracy"] > 0.97
-    return out
 
 
 def test_bundled_example_keeps_its_accuracy(digits: Path) -> None:
