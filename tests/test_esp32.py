@@ -273,12 +273,11 @@ def test_cli_export_writes_cpp_that_compiles(digits: Path, tmp_path: Path) -> No
     cli = build_cli(ortq.Toolkit(autoload=False))
     out = tmp_path / "export"
     result = CliRunner().invoke(cli, [
-        "export", "esp32", str(digits / "model.onnx"), "-o", str(out), "-d", str(digits / "calibration.npz"),
-        "--backend-option", "chip=esp32s3",
+        "export", "esp32s3", str(digits / "model.onnx"), "-o", str(out), "-d", str(digits / "calibration.npz"),
     ])
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in out.iterdir()) == [
-        "model.esp32.onnx", "model_coefficient.cpp", "model_coefficient.hpp", "model_coefficient_report.md",
+        "model.esp32s3.onnx", "model_coefficient.cpp", "model_coefficient.hpp", "model_coefficient_report.md",
     ]
     hpp = (out / "model_coefficient.hpp").read_text()
     assert "namespace model_coefficient" in hpp

@@ -303,6 +303,22 @@ def _unsupported_shape(node: onnx.NodeProto, ctx: PlanContext) -> str | None:
     return None
 
 
+def _chip_target(chip: str) -> type[Esp32Backend]:
+    """``--target esp32s3`` / ``ortq export esp32s3``: the esp32 target with its chip preset."""
+
+    def __init__(self: Esp32Backend, bits: int | str = 8, model_name: str | None = None) -> None:
+        Esp32Backend.__init__(self, chip=chip, bits=bits, model_name=model_name)
+
+    return type(
+        f"{chip.capitalize()}Backend", (Esp32Backend,),
+        {"name": chip, "description": f"Espressif ESP-DL on {chip}: power-of-two int8/int16, C++ coefficients",
+         "__init__": __init__, "__doc__": f"The esp32 target for the {chip} chip."},
+    )
+
+
 @hookimpl
 def ortq_register_backends(register):
     register(Esp32Backend)
+    for chip in _CHIPS:
+        if chip != Esp32Backend.name:
+            register(_chip_target(chip))
