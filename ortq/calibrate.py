@@ -17,6 +17,7 @@ import onnx
 from onnx import helper
 
 from .errors import CalibrationError, OrtqError
+from .model_io import session_source
 
 if TYPE_CHECKING:
     import onnxruntime as ort
@@ -125,7 +126,8 @@ def run_calibration(
 
     The first ``keep_samples`` samples' feeds and outputs are kept in the result for verification.
     Observer nodes are added to ``model`` only while it is serialized for the session, then removed, so
-    the weights are never copied; do not share ``model`` with another thread during the call.
+    the weights are never copied; do not share ``model`` with another thread during the call. A model over
+    the protobuf limit reaches ONNX Runtime through a temporary file with external data.
     """
     import onnxruntime as ort
 
@@ -133,19 +135,22 @@ def run_calibration(
 
     statistics = {name: calibrator.create_statistic(name) for name in tensors}
     sink = ObserverSink(list(tensors), [statistics[name].update for name in tensors])
-    with _observers_inserted(model, index, tensors, sink.token) as observed:
-        serialized = observed.SerializeToString()
     so = session_options if session_options is not None else ort.SessionOptions()
     so.register_custom_ops_library(library_path())
     so.execution_order = ort.ExecutionOrder.PRIORITY_BASED
     if session_options is None:
         # ENABLE_ALL would add a layout copy per observed tensor; extended keeps the fusions that matter.
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-    try:
-        session = ort.InferenceSession(serialized, so, providers=list(providers or ["CPUExecutionProvider"]))
-    except Exception as exc:
-        raise CalibrationError(f"ONNX Runtime cannot load the model for calibration: {exc}") from None
-    del serialized
+    with contextlib.ExitStack() as cleanup:
+        # Bytes, or above the protobuf limit a temporary file with external data (removed once the session
+        # has read it); either way written while the observers are in place.
+        with _observers_inserted(model, index, tensors, sink.token) as observed:
+            source = cleanup.enter_context(session_source(observed))
+        try:
+            session = ort.InferenceSession(source, so, providers=list(providers or ["CPUExecutionProvider"]))
+        except Exception as exc:
+            raise CalibrationError(f"ONNX Runtime cannot load the model for calibration: {exc}") from None
+        del source
     fetch = [o.name for o in model.graph.output]  # ONNX Runtime runs every node, sinks included
     result = CalibrationResult(statistics, 0, 0)
     with sink:

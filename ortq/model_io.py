@@ -1,24 +1,87 @@
-"""Reading, checking and writing models without ever touching the caller's copy or leaving half a file."""
+"""Reading, checking and writing models without ever touching the caller's copy or leaving half a file.
+
+A model file is data from someone else. Its external data references (``location``, ``offset``, ``length``
+on each externally stored tensor) are validated before a byte of external data is read: only regular
+files inside the model's folder, no absolute paths, no ``..`` components, no symlinks leaving the folder,
+ranges inside the file, and declared sizes that the files can actually back (so a crafted model cannot
+make us allocate memory it does not hold).
+
+Models over ONNX's 2 GB protobuf limit (:data:`PROTOBUF_LIMIT`) cannot be serialized in one piece: they
+are checked, shape-inferred and handed to ONNX Runtime through a file with external data in a temporary
+folder, and saved as a model file plus one ``<output name>.data`` file.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import re
+import shutil
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import onnx
 from google.protobuf.message import DecodeError
+from onnx import TensorProto
 
 from .errors import ModelError
 
-__all__ = ["load_model", "save_model_atomic", "upgrade_opset", "check_output_path", "model_opset"]
+__all__ = [
+    "load_model", "read_model", "LoadedModel", "save_model_atomic", "staged_save", "upgrade_opset",
+    "check_output_path", "model_opset", "check_model", "infer_shapes", "session_source", "over_protobuf_limit",
+    "validate_external_data", "write_with_external_data", "model_size", "PROTOBUF_LIMIT", "MAX_EXTERNAL_BYTES",
+]
 
 log = logging.getLogger(__name__)
 
 #: Below this the default-domain QuantizeLinear/DequantizeLinear do not exist at all.
 MIN_QDQ_OPSET = 10
-_PROTOBUF_LIMIT = 2**31 - 1
+#: A serialized ModelProto cannot be larger than this. Models above it are checked, shape-inferred, run and
+#: saved through files with external data. Tests lower it to exercise those paths with small models.
+PROTOBUF_LIMIT = 2**31 - 1
+_PROTOBUF_LIMIT = PROTOBUF_LIMIT  # old name, kept for importers
+#: Optional cap on the total external data a model may declare (bytes); None: bounded by the files' sizes.
+MAX_EXTERNAL_BYTES: int | None = None
+#: Tensors at least this large go to the data file when a model is written with external data.
+EXTERNAL_MIN_BYTES = 1024
+#: Offsets in written data files are multiples of this (lets ONNX Runtime map the weights).
+_ALIGN = 4096
+#: Initializers this large are left out of the copy that in-memory shape inference works on.
+SHAPE_INFERENCE_STRIP_BYTES = 64 * 1024
+_STRIPPED = "ortq-stripped-for-shape-inference"
+#: Sessions for models larger than this are created from a temporary file rather than from bytes.
+SESSION_FILE_BYTES = 256 * 2**20
+#: Where temporary model folders (sessions, checker, shape inference of large models) go; None: the system's.
+TEMP_DIR: str | None = None
+
+# bits per element of every numeric tensor type (strings cannot be stored externally by ortq's rules)
+_BITS = {
+    TensorProto.FLOAT: 32, TensorProto.UINT8: 8, TensorProto.INT8: 8, TensorProto.UINT16: 16,
+    TensorProto.INT16: 16, TensorProto.INT32: 32, TensorProto.INT64: 64, TensorProto.BOOL: 8,
+    TensorProto.FLOAT16: 16, TensorProto.DOUBLE: 64, TensorProto.UINT32: 32, TensorProto.UINT64: 64,
+    TensorProto.COMPLEX64: 64, TensorProto.COMPLEX128: 128, TensorProto.BFLOAT16: 16,
+}
+for _name, _bits in (
+    ("FLOAT8E4M3FN", 8), ("FLOAT8E4M3FNUZ", 8), ("FLOAT8E5M2", 8), ("FLOAT8E5M2FNUZ", 8), ("FLOAT8E8M0", 8),
+    ("UINT4", 4), ("INT4", 4), ("FLOAT4E2M1", 4), ("UINT2", 2), ("INT2", 2),
+):
+    if hasattr(TensorProto, _name):
+        _BITS[getattr(TensorProto, _name)] = _bits
+
+
+@dataclass
+class LoadedModel:
+    """A private, checked copy of a model and where it came from."""
+
+    model: onnx.ModelProto
+    source: Path | None
+    #: The input stored (some of) its tensors as external data.
+    external_data: bool = False
+    #: The external data files the input referenced (resolved paths).
+    external_files: list[Path] = field(default_factory=list)
 
 
 def load_model(model: str | os.PathLike | onnx.ModelProto) -> tuple[onnx.ModelProto, Path | None]:
@@ -26,39 +89,456 @@ def load_model(model: str | os.PathLike | onnx.ModelProto) -> tuple[onnx.ModelPr
 
     The copy is what the pipeline edits, so the caller's proto and file are never modified.
     """
+    loaded = read_model(model)
+    return loaded.model, loaded.source
+
+
+def read_model(model: str | os.PathLike | onnx.ModelProto) -> LoadedModel:
+    """:func:`load_model` with what the pipeline needs to know about external data."""
     if isinstance(model, onnx.ModelProto):
+        label = "<ModelProto>"
+        for tensor in _external_tensors(model):
+            raise ModelError(
+                f"{label}: tensor {tensor.name!r} keeps its data in external file {_location(tensor)!r}; pass the "
+                "model's path instead, or load it with its external data"
+            )
         copy = onnx.ModelProto()
         copy.CopyFrom(model)
-        source = None
-        label = "<ModelProto>"
-    else:
-        source = Path(model)
-        label = str(source)
-        if not source.is_file():
-            raise ModelError(f"{label}: no such model file")
-        if source.stat().st_size == 0:
-            raise ModelError(f"{label}: the file is empty, not an ONNX model")
-        try:
-            copy = onnx.load(str(source), load_external_data=True)
-        except DecodeError as exc:
-            raise ModelError(f"{label}: not an ONNX model (protobuf parse failed: {exc})") from None
-        except (OSError, ValueError, onnx.checker.ValidationError) as exc:
-            raise ModelError(f"{label}: cannot be read: {exc}") from None
-    if not copy.HasField("graph") or copy.ir_version == 0:
-        raise ModelError(f"{label}: not an ONNX model (no graph or IR version)")
-    _check(copy, label)
-    return copy, source
-
-
-def _check(model: onnx.ModelProto, label: str) -> None:
+        _check_header(copy, label)
+        check_model_by_size(copy, label)
+        return LoadedModel(copy, None)
+    source = Path(model)
+    label = str(source)
+    if not source.is_file():
+        raise ModelError(f"{label}: no such model file")
+    if source.stat().st_size == 0:
+        raise ModelError(f"{label}: the file is empty, not an ONNX model")
     try:
-        if model.ByteSize() > _PROTOBUF_LIMIT:
-            log.info("%s is over 2 GB; skipping the in-memory checker", label)
-            return
-        onnx.checker.check_model(model)
+        copy = onnx.load(str(source), load_external_data=False)
+    except DecodeError as exc:
+        raise ModelError(f"{label}: not an ONNX model (protobuf parse failed: {exc})") from None
+    except (OSError, ValueError, onnx.checker.ValidationError) as exc:
+        raise ModelError(f"{label}: cannot be read: {exc}") from None
+    _check_header(copy, label)
+    files = validate_external_data(copy, source)
+    if files:
+        # The model file itself is small: check it by path, before its external data is in memory.
+        _run_checker(lambda: onnx.checker.check_model(str(source)), label)
+        try:
+            onnx.load_external_data_for_model(copy, str(source.parent))
+        except (OSError, ValueError, onnx.checker.ValidationError) as exc:
+            raise ModelError(f"{label}: cannot read its external data: {exc}") from None
+    else:
+        check_model_by_size(copy, label)
+    return LoadedModel(copy, source, bool(files), files)
+
+
+def _check_header(model: onnx.ModelProto, label: str) -> None:
+    if not model.HasField("graph") or model.ir_version == 0:
+        raise ModelError(f"{label}: not an ONNX model (no graph or IR version)")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# untrusted external data
+
+
+def _all_tensors(model: onnx.ModelProto) -> Iterator[TensorProto]:
+    """Every TensorProto that may carry weights: initializers and tensor attributes, subgraphs included."""
+    from onnx.external_data_helper import _get_all_tensors
+
+    yield from _get_all_tensors(model)
+
+
+def _uses_external(tensor: TensorProto) -> bool:
+    return tensor.HasField("data_location") and tensor.data_location == TensorProto.EXTERNAL
+
+
+def _external_tensors(model: onnx.ModelProto) -> Iterator[TensorProto]:
+    return (t for t in _all_tensors(model) if _uses_external(t))
+
+
+def _location(tensor: TensorProto) -> str:
+    return next((e.value for e in tensor.external_data if e.key == "location"), "")
+
+
+def _declared_bytes(tensor: TensorProto) -> int | None:
+    bits = _BITS.get(tensor.data_type)
+    if bits is None:
+        return None
+    count = 1
+    for d in tensor.dims:
+        count *= d
+    return (count * bits + 7) // 8
+
+
+def validate_external_data(model: onnx.ModelProto, model_path: str | os.PathLike) -> list[Path]:
+    """Refuse external data references that leave the model's folder or promise more than the files hold.
+
+    Returns the external data files referenced (resolved). Nothing is read from them.
+    """
+    model_path = Path(model_path)
+    label = str(model_path)
+    base = Path(os.path.realpath(model_path.parent))
+    files: dict[Path, int] = {}
+    total = 0
+    for tensor in _external_tensors(model):
+        entries = {e.key: e.value for e in tensor.external_data}
+        loc = entries.get("location", "")
+
+        def refuse(why: str) -> ModelError:
+            return ModelError(f"{label}: tensor {tensor.name!r}: external data location {loc!r} {why}; refused")
+
+        if not loc:
+            raise refuse("is empty")
+        if "\0" in loc:
+            raise refuse("contains a NUL byte")
+        if os.path.isabs(loc) or loc.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", loc):
+            raise refuse("is an absolute path (it must be relative to the model's folder)")
+        if ".." in re.split(r"[\\/]+", loc):
+            raise refuse("has a '..' component (it must stay inside the model's folder)")
+        full = base / loc
+        resolved = Path(os.path.realpath(full))
+        if resolved != base and base not in resolved.parents:
+            raise refuse(f"resolves to {str(resolved)!r} through a symlink, outside the model's folder {str(base)!r}")
+        if not resolved.is_file():
+            raise refuse("is not an existing regular file in the model's folder")
+        size = files.setdefault(resolved, resolved.stat().st_size)
+        try:
+            offset = int(entries.get("offset", "0"))
+            length = int(entries["length"]) if "length" in entries else None
+        except ValueError:
+            raise refuse(f"has a non-integer offset or length ({entries.get('offset')!r}, {entries.get('length')!r})")
+        if offset < 0 or (length is not None and length < 0):
+            raise refuse(f"has a negative offset or length ({offset}, {length})")
+        if offset > size or (length is not None and offset + length > size):
+            raise refuse(f"points outside the file: offset {offset} + length {length} > file size {size}")
+        if any(d < 0 for d in tensor.dims):
+            raise refuse(f"belongs to a tensor with negative dims {list(tensor.dims)}")
+        declared = _declared_bytes(tensor)
+        if declared is None:
+            raise refuse(f"belongs to a tensor of type {tensor.data_type} that cannot be stored externally")
+        available = length if length is not None else size - offset
+        if declared > available:
+            raise refuse(
+                f"backs a tensor of shape {list(tensor.dims)} ({declared} bytes) with only {available} byte(s)"
+            )
+        if length is not None and length != declared:
+            raise refuse(f"has length {length}, but the tensor's shape {list(tensor.dims)} needs {declared} bytes")
+        total += declared
+    if files:
+        limit = sum(files.values()) if MAX_EXTERNAL_BYTES is None else min(MAX_EXTERNAL_BYTES, sum(files.values()))
+        if total > limit:
+            raise ModelError(
+                f"{label}: its external tensors declare {total} bytes in all, more than the {limit} bytes its data "
+                "files hold (overlapping or oversized tensors); refused before loading"
+            )
+    return sorted(files)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# size-dependent checker, shape inference and sessions
+
+
+def model_size(model: onnx.ModelProto) -> int:
+    """About the serialized size of ``model``, without serializing its weights.
+
+    (``ModelProto.ByteSize()`` under the upb protobuf runtime serializes the whole model to measure it,
+    costing twice the weights' memory for a moment.)
+    """
+    skeleton, stripped = _skeleton(model, SHAPE_INFERENCE_STRIP_BYTES)
+    return skeleton.ByteSize() + stripped
+
+
+def over_protobuf_limit(model: onnx.ModelProto) -> bool:
+    return model_size(model) > PROTOBUF_LIMIT
+
+
+def _run_checker(check, label: str) -> None:  # noqa: ANN001
+    try:
+        check()
     except onnx.checker.ValidationError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"{label}: fails onnx.checker: {first}") from None
+
+
+def check_model(model: onnx.ModelProto, full_check: bool = False) -> None:
+    """``onnx.checker.check_model`` in memory, or through a file with external data above the protobuf limit.
+
+    Raises ``onnx.checker.ValidationError`` like the checker itself.
+    """
+    if not over_protobuf_limit(model):
+        onnx.checker.check_model(model, full_check=full_check)
+        return
+    with _temporary_copy(model) as path:
+        onnx.checker.check_model(str(path), full_check=full_check)
+
+
+def check_model_by_size(model: onnx.ModelProto, label: str) -> None:
+    _run_checker(lambda: check_model(model), label)
+
+
+def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Shape inference, in memory or (above the protobuf limit) with ``infer_shapes_path`` on a temporary file.
+
+    Either way it runs on a copy without the large weights (initializers of ``SHAPE_INFERENCE_STRIP_BYTES`` or
+    more, which shape inference does not need: they are weights, not shapes) and only the inferred
+    value_info (subgraphs included) and graph outputs are copied back: returns ``model``, updated in place.
+    """
+    if not over_protobuf_limit(model):
+        # On a copy without the large weights: infer_shapes(model) would serialize and parse them 3 times.
+        inferred = onnx.shape_inference.infer_shapes(_skeleton(model, SHAPE_INFERENCE_STRIP_BYTES)[0])
+    else:
+        with _temporary_copy(model) as path:
+            inferred_path = path.with_name("inferred.onnx")
+            onnx.shape_inference.infer_shapes_path(str(path), str(inferred_path))
+            inferred = onnx.load(str(inferred_path), load_external_data=False)
+    _copy_value_info(model.graph, inferred.graph)
+    del model.graph.output[:]
+    model.graph.output.extend(inferred.graph.output)
+    return model
+
+
+def _copy_value_info(graph: onnx.GraphProto, inferred: onnx.GraphProto) -> None:
+    """Copy inferred value_info into ``graph`` and its subgraphs (never tensors: the inferred model's
+    weights point into a temporary file)."""
+    del graph.value_info[:]
+    graph.value_info.extend(inferred.value_info)
+    for node, new_node in zip(graph.node, inferred.node):
+        for attr, new_attr in zip(node.attribute, new_node.attribute):
+            if attr.type == onnx.AttributeProto.GRAPH:
+                _copy_value_info(attr.g, new_attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for sub, new_sub in zip(attr.graphs, new_attr.graphs):
+                    _copy_value_info(sub, new_sub)
+
+
+@contextlib.contextmanager
+def _temporary_folder() -> Iterator[Path]:
+    folder = Path(tempfile.mkdtemp(prefix="ortq-", dir=TEMP_DIR))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _temporary_copy(model: onnx.ModelProto) -> Iterator[Path]:
+    """``model`` written with external data to a temporary folder, removed on exit (whatever happens)."""
+    with _temporary_folder() as folder:
+        path = folder / "model.onnx"
+        data = folder / "model.onnx.data"
+        write_with_external_data(model, path, data, data.name)
+        yield path
+
+
+@contextlib.contextmanager
+def session_source(model: onnx.ModelProto) -> Iterator[bytes | str]:
+    """What to give ``onnxruntime.InferenceSession`` for ``model``: its bytes, or above the protobuf limit the
+    path of a temporary copy with external data (valid inside the ``with``; create the session there).
+
+    Models over ``SESSION_FILE_BYTES`` go through a file too: from bytes, ONNX Runtime holds the serialized
+    copy and its own parse of it besides ours (about 4x the weights at peak, against 2x from a file).
+    """
+    if model_size(model) <= min(PROTOBUF_LIMIT, SESSION_FILE_BYTES):
+        yield model.SerializeToString()
+        return
+    with _temporary_copy(model) as path:
+        yield str(path)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# writing
+
+
+def _write_all(fd: int, data: bytes | memoryview, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view[: 1 << 30], offset)
+        view, offset = view[n:], offset + n
+
+
+def _copy_fields(dst, src, skip: str) -> None:  # noqa: ANN001
+    for fd, value in src.ListFields():
+        if fd.name == skip:
+            continue
+        if fd.is_repeated:
+            getattr(dst, fd.name).extend(value)
+        elif fd.message_type is not None:
+            getattr(dst, fd.name).CopyFrom(value)
+        else:
+            setattr(dst, fd.name, value)
+
+
+def _skeleton(
+    model: onnx.ModelProto, min_bytes: int, data_fd: int | None = None, location: str = _STRIPPED
+) -> tuple[onnx.ModelProto, int]:
+    """A new ModelProto sharing nothing with ``model`` in which the graph's initializers of ``min_bytes`` or
+    more are external references: into the file open as ``data_fd`` (their bytes are written there, one
+    tensor at a time), or to a placeholder when ``data_fd`` is None (for shape inference).
+
+    ``model`` is not modified: with the upb protobuf runtime, clearing and restoring a tensor's bytes would
+    leave the old bytes allocated in the message's arena, doubling the weights' memory for its lifetime.
+    Tensors inside node attributes and subgraphs stay inline. Returns the skeleton and the bytes left out.
+    """
+    from onnx import numpy_helper
+
+    skeleton = onnx.ModelProto()
+    _copy_fields(skeleton, model, "graph")
+    _copy_fields(skeleton.graph, model.graph, "initializer")
+    offset = stripped = 0
+    for tensor in model.graph.initializer:
+        inline = (
+            _data_bytes(tensor) < min_bytes
+            or tensor.data_type == TensorProto.STRING
+            or _uses_external(tensor)
+            or (not tensor.HasField("raw_data") and _BITS.get(tensor.data_type, 8) < 8)
+        )
+        if inline:
+            skeleton.graph.initializer.add().CopyFrom(tensor)
+            continue
+        ref = skeleton.graph.initializer.add()
+        ref.name, ref.data_type = tensor.name, tensor.data_type
+        ref.dims.extend(tensor.dims)
+        if tensor.doc_string:
+            ref.doc_string = tensor.doc_string
+        ref.data_location = TensorProto.EXTERNAL
+        entries = [("location", location)]
+        stripped += _data_bytes(tensor)
+        if data_fd is not None:
+            raw = tensor.raw_data if tensor.HasField("raw_data") else numpy_helper.to_array(tensor).tobytes()
+            offset = -(-offset // _ALIGN) * _ALIGN
+            _write_all(data_fd, raw, offset)
+            entries += [("offset", str(offset)), ("length", str(len(raw)))]
+            offset += len(raw)
+            del raw
+        for key, value in entries:
+            entry = ref.external_data.add()
+            entry.key, entry.value = key, value
+    return skeleton, stripped
+
+
+def _data_bytes(tensor: TensorProto) -> int:
+    """A tensor's data size, from its shape when it has raw bytes (reading them would copy them)."""
+    if tensor.HasField("raw_data"):
+        declared = _declared_bytes(tensor)
+        if declared is not None:
+            return declared
+    return tensor.ByteSize()
+
+
+def write_with_external_data(
+    model: onnx.ModelProto, model_path: str | os.PathLike, data_path: str | os.PathLike, location: str
+) -> None:
+    """Write ``model`` to ``model_path`` with its large initializers in ``data_path`` (referenced as ``location``).
+
+    ``model`` is not modified and its weights are not copied as a whole: each initializer's bytes are written
+    on their own. Both files are overwritten if they exist.
+    """
+    fd = os.open(data_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        skeleton, _ = _skeleton(model, EXTERNAL_MIN_BYTES, fd, location)
+    finally:
+        os.close(fd)
+    with open(model_path, "wb") as f:
+        f.write(skeleton.SerializeToString())
+
+
+def check_output_path(path: str | os.PathLike) -> Path:
+    """Fail before any work is done if the output cannot be written."""
+    out = Path(path)
+    if out.is_dir():
+        raise ModelError(f"{out}: output path is a directory; give a file name")
+    if not out.parent.exists():
+        raise ModelError(f"{out}: output folder {str(out.parent)!r} does not exist")
+    if not os.access(out.parent, os.W_OK):
+        raise ModelError(f"{out}: output folder is not writable")
+    return out
+
+
+def external_data_path(path: str | os.PathLike) -> Path:
+    """Where the data file of a model saved at ``path`` with external data goes: ``<name>.data`` beside it."""
+    out = Path(path)
+    return out.with_name(out.name + ".data")
+
+
+@contextlib.contextmanager
+def staged_save(
+    model: onnx.ModelProto,
+    path: str | os.PathLike,
+    *,
+    external_data: bool | None = None,
+    protect: list[Path] | tuple[Path, ...] = (),
+) -> Iterator[Path]:
+    """Write ``model`` under temporary names beside ``path``; rename into place when the ``with`` body succeeds.
+
+    With ``external_data`` (default: only when the model exceeds the protobuf limit) the model goes to ``path``
+    and its tensors to ``<name>.data``; the data file is renamed first. On any failure, inside the body too,
+    the temporary files are removed and existing outputs are left as they were. ``protect`` lists files
+    that must not be overwritten (the input's own external data).
+    """
+    out = check_output_path(path)
+    external = over_protobuf_limit(model) if external_data is None else bool(external_data) or over_protobuf_limit(model)
+    data_out = external_data_path(out)
+    if external:
+        resolved = Path(os.path.realpath(data_out))
+        if any(resolved == Path(os.path.realpath(p)) for p in protect):
+            raise ModelError(
+                f"{out}: its data file {str(data_out)!r} is the input model's own external data; choose another "
+                "output name"
+            )
+    temps: list[str] = []
+    try:
+        fd, model_tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+        os.close(fd)
+        temps.append(model_tmp)
+        if external:
+            fd, data_tmp = tempfile.mkstemp(prefix=f".{data_out.name}.", suffix=".tmp", dir=out.parent)
+            os.close(fd)
+            temps.append(data_tmp)
+            write_with_external_data(model, model_tmp, data_tmp, data_out.name)
+        else:
+            onnx.save(model, model_tmp)
+        mode = 0o666 & ~_umask()
+        for name in temps:
+            os.chmod(name, mode)
+        yield out
+        if external:
+            os.replace(data_tmp, data_out)
+            temps.remove(data_tmp)
+        os.replace(model_tmp, out)
+        temps.remove(model_tmp)
+    finally:
+        for name in temps:
+            Path(name).unlink(missing_ok=True)
+
+
+def _umask() -> int:
+    """The process umask, read without changing it (os.umask would race with other threads)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o022
+
+
+def save_model_atomic(
+    model: onnx.ModelProto, path: str | os.PathLike, *, external_data: bool | None = None
+) -> Path:
+    """Write to a temporary file beside ``path`` and rename it into place, so readers never see half a model.
+
+    An existing file at ``path`` is replaced only when the write succeeded. See :func:`staged_save` for
+    ``external_data``.
+    """
+    with staged_save(model, path, external_data=external_data) as out:
+        pass
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# opsets
 
 
 def model_opset(model: onnx.ModelProto) -> int:
@@ -79,32 +559,3 @@ def upgrade_opset(model: onnx.ModelProto, target: int, label: str = "model") -> 
     except Exception as exc:  # the converter raises bare RuntimeErrors with C++ messages
         raise ModelError(f"{label}: cannot convert from opset {current} to {target}: {exc}") from None
     return converted
-
-
-def check_output_path(path: str | os.PathLike) -> Path:
-    """Fail before any work is done if the output cannot be written."""
-    out = Path(path)
-    if out.is_dir():
-        raise ModelError(f"{out}: output path is a directory; give a file name")
-    if not out.parent.exists():
-        raise ModelError(f"{out}: output folder {str(out.parent)!r} does not exist")
-    if not os.access(out.parent, os.W_OK):
-        raise ModelError(f"{out}: output folder is not writable")
-    return out
-
-
-def save_model_atomic(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
-    """Write to a temporary file beside ``path`` and rename it into place, so readers never see half a model.
-
-    An existing file at ``path`` is replaced only when the write succeeded.
-    """
-    out = check_output_path(path)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    try:
-        onnx.save(model, tmp_name)
-        os.replace(tmp_name, out)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    return out

@@ -56,6 +56,7 @@ def compute_params(
             values = index.constant_value(name)
             _check_finite(values, name, tp.node)
             params[name] = _weight_params(values, tp.spec, name)
+    _limit_average_requantization(plan, index, params)
     for name, tp in plan.tensors.items():
         if isinstance(tp.role, SameAs):
             source = _resolve(plan, name)
@@ -66,11 +67,57 @@ def compute_params(
                 vetoes[name] = f"copies the parameters of {source!r}, which {vetoes.get(source, 'has none')}"
     for name, tp in plan.tensors.items():
         if isinstance(tp.role, Bias):
+            if ranges.get(tp.bias_input or "") == (0.0, 0.0) and np.any(index.constant_value(name)):
+                # Its input's scale is an arbitrary 1 (nothing to measure), so an int32 bias at
+                # 1 x weight scale would round the bias, which is then the node's whole output, to a few steps.
+                vetoes[name] = (
+                    f"its input {tp.bias_input!r} is constant zero on the calibration data, so the node's output "
+                    "is its bias, which an int32 bias at that input's scale cannot represent"
+                )
+                continue
             _fit_bias_in_int32(name, tp, index, params)
     for name, p in params.items():
         if index.float_dtype(name) == np.float16:
             params[name] = _float16_exact(p)
     return params, vetoes
+
+
+#: An average's output scale may be at most this much finer than its input's (see below).
+_MAX_AVERAGE_REFINEMENT = 128.0
+_AVERAGES = frozenset({"GlobalAveragePool", "AveragePool"})
+
+
+def _limit_average_requantization(plan: QuantPlan, index: GraphIndex, params: dict[str, QuantParams]) -> None:
+    """Keep an average's output scale no finer than input scale / (128 x the number of values averaged).
+
+    ONNX Runtime's QLinearGlobalAveragePool refuses input scale / (output scale x pixels) >= 256 at run
+    time ("parameter out of computation range"); a nearly constant average (a constant input channel, zero
+    weights upstream) calibrates to such a tiny output scale. Steps that fine carry no information the 8-bit
+    input could have given, so the output range is widened (zero point kept). Unknown sizes count as 1.
+    """
+    for name, tp in plan.tensors.items():
+        producer = index.producer.get(name)
+        if name not in params or producer is None or producer.op_type not in _AVERAGES or not producer.input:
+            continue
+        source = producer.input[0]
+        if source in plan.tensors:
+            source = _resolve(plan, source)
+        x, y = params.get(source), params[name]
+        if x is None or x.per_channel or y.per_channel:
+            continue
+        floor = float(x.scale) / (_MAX_AVERAGE_REFINEMENT * _values_averaged(producer, index))
+        if float(y.scale) >= floor:
+            continue
+        scale = np.float32(floor)
+        params[name] = QuantParams(scale, y.zero_point, y.qtype, y.axis, source="limited by its input's scale")
+
+
+def _values_averaged(node, index: GraphIndex) -> int:  # noqa: ANN001
+    if node.op_type == "AveragePool":
+        dims = list(index.attribute(node, "kernel_shape", []) or [])
+    else:
+        dims = (index.shape(node.input[0]) or [])[2:]
+    return int(np.prod(dims)) if dims and all(isinstance(d, int) and d > 0 for d in dims) else 1
 
 
 def _float16_exact(p: QuantParams) -> QuantParams:
@@ -86,27 +133,52 @@ _INT32_MAX = float(np.iinfo(np.int32).max)
 
 
 def _fit_bias_in_int32(name: str, tp, index: GraphIndex, params: dict[str, QuantParams]) -> None:  # noqa: ANN001
-    """Widen a weight's scale where bias / (input scale x weight scale) would overflow int32.
+    """Choose the weight's scale so that the int32 bias (scale = input scale x weight scale) is exact and fits.
 
-    Clipping the bias instead would shift every output of that channel (a 16-bit weight with a large
-    bias lost 45 dB that way); a coarser weight scale costs far less.
+    - Where the weight is all zero (a pruned channel, or a whole zero weight), any scale quantizes it exactly,
+      but the scale of 1 it got from its empty range would make the bias's scale the input's: a bias far
+      below one input step is lost. Such channels get a scale that keeps the bias to about 24 bits.
+    - Where bias / (input scale x weight scale) would not fit, the weight's scale is widened. Clipping the
+      bias instead would shift every output of that channel (a 16-bit weight with a large bias lost 45 dB
+      that way); a coarser weight scale costs far less. The bias must leave room for the accumulation
+      ``bias + sum(x_q * w_q)`` in the kernel's int32 accumulator: a bias at the very top of int32 wraps
+      around as soon as the products are added (a Gemm's output changed sign that way).
     """
     x, w = params.get(tp.bias_input or ""), params.get(tp.bias_weight or "")
     bias = index.constant_value(name)
-    if x is None or w is None or x.per_channel or bias is None or not bias.size:
+    weight = index.constant_value(tp.bias_weight or "")
+    if x is None or w is None or x.per_channel or bias is None or not bias.size or weight is None:
         return
-    needed = np.abs(bias.astype(np.float64)).reshape(-1) / (float(x.scale) * _INT32_MAX)
     current = w.scale.astype(np.float64).reshape(-1)
-    if w.per_channel and needed.size != current.size:
+    if w.per_channel and bias.size != current.size:
         return
-    factor = np.maximum(needed / current, 1.0) if w.per_channel else max(float(needed.max() / current[0]), 1.0)
-    if np.all(np.asarray(factor) <= 1.0):
+    abs_bias = np.abs(bias.astype(np.float64)).reshape(-1)
+    # Worst-case accumulation per output: K products of a full-range input step and a full-range weight.
+    k = max(weight.size // bias.size, 1)
+    x_info, w_info = np.iinfo(x.qtype.numpy_dtype), np.iinfo(w.qtype.numpy_dtype)
+    headroom = k * float(x_info.max - x_info.min) * float(max(-int(w_info.min), int(w_info.max)))
+    limit = max(_INT32_MAX - headroom, 2.0**30)  # beyond that the accumulator itself may overflow, bias or not
+    if w.per_channel:
+        axis = w.axis % weight.ndim
+        zero = ~np.any(weight != 0, axis=tuple(a for a in range(weight.ndim) if a != axis)).reshape(-1)
+        bias_mag = abs_bias
+    else:
+        zero = np.array([not np.any(weight != 0)])
+        bias_mag = np.array([abs_bias.max()])
+    scale = current.copy()
+    fine = bias_mag / (float(x.scale) * 2.0**24)
+    shrink = zero & (bias_mag > 0) & (fine < current)
+    scale[shrink] = np.maximum(fine[shrink], np.finfo(np.float32).tiny)
+    needed = (abs_bias if w.per_channel else np.array([abs_bias.max()])) / (float(x.scale) * limit)
+    factor = np.maximum(needed / scale, 1.0)
+    if np.all(factor <= 1.0) and not np.any(shrink):
         return
-    log.warning(
-        "bias %r would overflow int32 at weight %r's scale; widening that scale by up to %.3gx",
-        name, tp.bias_weight, float(np.max(factor)),
-    )
-    scale = (current * factor * (1 + 1e-6)).reshape(w.scale.shape)
+    if np.any(factor > 1.0):
+        log.warning(
+            "bias %r would overflow int32 at weight %r's scale; widening that scale by up to %.3gx",
+            name, tp.bias_weight, float(np.max(factor)),
+        )
+    scale = np.where(factor > 1.0, scale * factor * (1 + 1e-6), scale).reshape(w.scale.shape)
     if is_power_of_two(w.scale):  # a shift-only target: stay on powers of two
         scale = np.exp2(np.ceil(np.log2(scale)))
     scale = scale.astype(np.float32)
@@ -116,7 +188,8 @@ def _fit_bias_in_int32(name: str, tp, index: GraphIndex, params: dict[str, Quant
         old_zero = (w.zero_point.astype(np.float64) * current.reshape(w.scale.shape))
         qmin, qmax = np.iinfo(w.qtype.numpy_dtype).min, np.iinfo(w.qtype.numpy_dtype).max
         zero_point = np.clip(np.round(old_zero / scale), qmin, qmax)
-    params[tp.bias_weight] = QuantParams(scale, zero_point, w.qtype, w.axis, source="widened for bias")
+    source = "widened for bias" if np.any(factor > 1.0) else "narrowed for the bias of a zero weight"
+    params[tp.bias_weight] = QuantParams(scale, zero_point, w.qtype, w.axis, source=source)
 
 
 def _resolve(plan: QuantPlan, name: str) -> str:

@@ -20,7 +20,7 @@ from .data import iter_batches, model_inputs
 from .errors import CalibrationError, ConfigError, ModelError, OrtqError, PluginError
 from .graph import GraphIndex, uses_float16
 from .op_quantizer import Activation, SameAs
-from .model_io import check_output_path, load_model, model_opset, save_model_atomic, upgrade_opset
+from .model_io import check_output_path, infer_shapes, model_opset, model_size, read_model, staged_save, upgrade_opset
 from .params import bias_params, compute_params
 from .planner import QuantPlan, make_plan
 from .rewrite_qdq import rewrite_qdq
@@ -125,6 +125,9 @@ class _Prepared:
     float_bytes: int
     label: str
     fingerprint: str
+    #: The input kept its weights in external data (the output then does too), and the files it used.
+    external_data: bool = False
+    external_files: list[Path] = field(default_factory=list)
 
 
 def _prepare(toolkit: Toolkit, model: Any, target: str, overrides: dict[str, Any]) -> _Prepared:
@@ -133,13 +136,18 @@ def _prepare(toolkit: Toolkit, model: Any, target: str, overrides: dict[str, Any
         raise ConfigError(f"unknown option(s) {sorted(unknown)}; supported: {sorted(_OVERRIDES)}")
     backend = toolkit.backend(target, **(overrides.pop("backend_options", None) or {}))
     config = resolve_config(backend, **overrides)
-    proto, source = load_model(model)
+    loaded = read_model(model)
+    proto, source = loaded.model, loaded.source
+    del loaded.model  # one owner of the weights: ``proto`` (later stages may replace it)
     label = str(source) if source else "model"
-    float_bytes = proto.ByteSize()
+    float_bytes = model_size(proto)  # ByteSize() would serialize the weights to count them
     fingerprint = model_fingerprint(proto)
+    listed_initializers = proto.ir_version < 4
     # Float16 tensors need opset 19, where QuantizeLinear/DequantizeLinear accept float16 scales.
     required = max(10, config.required_opset, 19 if uses_float16(proto) else 0)
     proto = upgrade_opset(proto, required, label)
+    if listed_initializers:  # after the upgrade: the version converter still wants the IR-3 listing
+        _drop_initializers_from_inputs(proto)
     if model_opset(proto) >= 21 and proto.ir_version < 10:
         proto.ir_version = 10
     elif proto.ir_version < 7 and model_opset(proto) >= 13:
@@ -152,10 +160,23 @@ def _prepare(toolkit: Toolkit, model: Any, target: str, overrides: dict[str, Any
     except Exception as exc:
         raise PluginError(f"backend {backend.name!r} failed to prepare {label}: {exc!r}") from exc
     try:
-        proto = onnx.shape_inference.infer_shapes(proto)
+        proto = infer_shapes(proto)  # path-based above the protobuf limit
     except Exception as exc:  # shape inference is a help, never a requirement
         log.warning("%s: shape inference failed (%s); tensors of unknown type stay float", label, exc)
-    return _Prepared(backend, config, proto, float_bytes, label, fingerprint)
+    return _Prepared(
+        backend, config, proto, float_bytes, label, fingerprint, loaded.external_data, loaded.external_files
+    )
+
+
+def _drop_initializers_from_inputs(model: onnx.ModelProto) -> None:
+    """Before IR 4 every initializer had to be listed as a graph input, yet was a constant. From IR 4 on
+    (which the opset upgrade may bring) a listed initializer is an overridable input and would not be
+    quantized as a weight, so the old listing goes."""
+    constants = {i.name for i in model.graph.initializer}
+    inputs = [vi for vi in model.graph.input if vi.name not in constants]
+    if len(inputs) != len(model.graph.input):
+        del model.graph.input[:]
+        model.graph.input.extend(inputs)
 
 
 def _name_nodes(model: onnx.ModelProto) -> None:
@@ -327,16 +348,18 @@ def quantize(
     result = QuantizationResult(
         model=proto, output=out, target=backend.name, config=config, plan=plan, ranges=ranges, params=params,
         vetoes=vetoes, calibration_batches=n_batches, calibration_samples=n_samples,
-        verification=report, float_bytes=p.float_bytes, quantized_bytes=proto.ByteSize(), seconds=timings,
+        verification=report, float_bytes=p.float_bytes, quantized_bytes=model_size(proto), seconds=timings,
     )
     if out is not None:
-        save_model_atomic(proto, out)
-        try:
-            result.artifacts = backend.export(result, out.parent)
-        except OrtqError:
-            raise
-        except Exception as exc:
-            raise PluginError(f"backend {backend.name!r} failed to export: {exc!r}") from exc
+        # Written under temporary names (with external data if the input had it or it is over 2 GB), renamed
+        # into place only once the backend's export succeeded too; nothing is left behind on failure.
+        with staged_save(proto, out, external_data=p.external_data or None, protect=p.external_files):
+            try:
+                result.artifacts = backend.export(result, out.parent)
+            except OrtqError:
+                raise
+            except Exception as exc:
+                raise PluginError(f"backend {backend.name!r} failed to export: {exc!r}") from exc
     return result
 
 

@@ -11,6 +11,7 @@ import onnx
 
 from .errors import VerificationError
 from .metrics import max_abs_error, sqnr_db, top1_agreement
+from .model_io import check_model, session_source
 
 __all__ = ["OutputComparison", "VerificationReport", "verify_model", "LOW_SQNR_DB"]
 
@@ -44,7 +45,10 @@ def make_session(model: onnx.ModelProto, providers: Sequence[Any] | None = None,
     so = ort.SessionOptions()
     if threads:
         so.intra_op_num_threads = threads
-    return ort.InferenceSession(model.SerializeToString(), so, providers=list(providers or ["CPUExecutionProvider"]))
+
+    # Bytes, or above the protobuf limit a temporary file with external data, removed once the session is built.
+    with session_source(model) as source:
+        return ort.InferenceSession(source, so, providers=list(providers or ["CPUExecutionProvider"]))
 
 
 def verify_model(
@@ -55,7 +59,7 @@ def verify_model(
 ) -> VerificationReport:
     """Check the quantized model and compare its outputs on ``feeds`` with the float ``reference`` outputs."""
     try:
-        onnx.checker.check_model(quantized, full_check=True)
+        check_model(quantized, full_check=True)  # path-based above the protobuf limit
     except onnx.checker.ValidationError as exc:
         raise VerificationError(f"the quantized model fails onnx.checker: {str(exc).strip().splitlines()[0]}") from None
     try:
@@ -67,8 +71,12 @@ def verify_model(
         return report
     names = [n for n in reference[0] if np.asarray(reference[0][n]).dtype.kind == "f"]
     actual: dict[str, list[np.ndarray]] = {n: [] for n in names}
-    for feed in feeds:
-        for n, value in zip(names, session.run(names, feed)):
+    for index, feed in enumerate(feeds):
+        try:
+            values = session.run(names, feed)
+        except Exception as exc:
+            raise VerificationError(f"ONNX Runtime failed to run the quantized model on batch {index}: {exc}") from None
+        for n, value in zip(names, values):
             actual[n].append(np.asarray(value))
         report.samples += int(next(iter(feed.values())).shape[0])
     for n in names:
