@@ -14,6 +14,8 @@ from onnx import numpy_helper
 
 __all__ = ["GraphIndex", "node_label", "FLOAT_TYPES", "uses_float16"]
 
+_CACHE_LIMIT = 1 << 16
+
 #: Element types ortq quantizes. Float16 needs opset 19 Q/DQ, whose scales then are float16 too.
 FLOAT_TYPES = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16})
 
@@ -78,7 +80,9 @@ class GraphIndex:
             attr = self.producer[name].attribute[0]
             if attr.name == "value":
                 value = numpy_helper.to_array(attr.t)
-        if value is not None:
+        if value is not None and value.nbytes <= _CACHE_LIMIT:
+            # Weights are read twice (ranges, then quantization); caching them would hold a second copy
+            # of every weight for the whole run, so only small constants are cached.
             self._constant_cache[name] = value
         return value
 
