@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-__all__ = ["GraphIndex", "node_label", "FLOAT_TYPES", "uses_float16"]
+__all__ = ["GraphIndex", "FreshNames", "node_label", "FLOAT_TYPES", "uses_float16"]
 
 _CACHE_LIMIT = 1 << 16
 
@@ -130,3 +130,21 @@ class GraphIndex:
             if imp.domain in (domain, "ai.onnx" if domain == "" else domain):
                 return imp.version
         return 0
+
+
+class FreshNames:
+    """Fresh tensor and node names that cannot collide with anything in the model."""
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        g = model.graph
+        self.used = {n.name for n in g.node}
+        self.used.update(x for n in g.node for x in (*n.input, *n.output))
+        self.used.update(i.name for i in g.initializer)
+        self.used.update(v.name for v in (*g.input, *g.output, *g.value_info))
+
+    def __call__(self, base: str) -> str:
+        name, k = base, 1
+        while name in self.used:
+            name, k = f"{base}_{k}", k + 1
+        self.used.add(name)
+        return name

@@ -18,6 +18,8 @@ from onnx import helper, numpy_helper
 from .op_quantizer import Bias
 from .scheme import QuantParams, quantize_array
 
+from .graph import FreshNames
+
 if TYPE_CHECKING:
     from .graph import GraphIndex
     from .planner import QuantPlan
@@ -29,24 +31,6 @@ log = logging.getLogger(__name__)
 _INT32 = np.iinfo(np.int32)
 
 
-class _Names:
-    """Fresh tensor and node names that cannot collide with anything in the model."""
-
-    def __init__(self, model: onnx.ModelProto) -> None:
-        g = model.graph
-        self.used = {n.name for n in g.node}
-        self.used.update(x for n in g.node for x in (*n.input, *n.output))
-        self.used.update(i.name for i in g.initializer)
-        self.used.update(v.name for v in (*g.input, *g.output, *g.value_info))
-
-    def __call__(self, base: str) -> str:
-        name, k = base, 1
-        while name in self.used:
-            name, k = f"{base}_{k}", k + 1
-        self.used.add(name)
-        return name
-
-
 def rewrite_qdq(
     model: onnx.ModelProto,
     index: GraphIndex,
@@ -56,7 +40,7 @@ def rewrite_qdq(
 ) -> onnx.ModelProto:
     """Edit ``model`` (the pipeline's private copy) in place and return it."""
     graph = model.graph
-    names = _Names(model)
+    names = FreshNames(model)
     replacement: dict[str, str] = {}  # float tensor -> its dequantized stand-in
     head: list[onnx.NodeProto] = []  # DQs of constants and Q/DQ of graph inputs: first in the graph
     after: dict[str, list[onnx.NodeProto]] = {}  # producer node name -> Q/DQ to place after it
@@ -130,7 +114,7 @@ def _add_init(graph: onnx.GraphProto, name: str, value: np.ndarray) -> str:
 
 def _constant_dq(
     graph: onnx.GraphProto,
-    names: _Names,
+    names: FreshNames,
     name: str,
     q: np.ndarray,
     scale: np.ndarray,

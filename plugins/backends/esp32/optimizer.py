@@ -28,6 +28,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from ortq.graph import FreshNames
+
 __all__ = ["fold_batch_norm", "fold_add_bias", "make_batch_dynamic", "optimize_for_esp_dl"]
 
 log = logging.getLogger(__name__)
@@ -50,8 +52,7 @@ class _Graph:
             for i in node.input:
                 if i:
                     self.consumers[i].append(node)
-        self.used = {n.name for n in self.graph.node} | set(self.inits) | self.graph_inputs
-        self.used |= {x for n in self.graph.node for x in (*n.input, *n.output)}
+        self.fresh = FreshNames(model)
 
     def constant(self, name: str) -> np.ndarray | None:
         if name in self.inits and name not in self.graph_inputs:
@@ -60,13 +61,6 @@ class _Graph:
         if node is not None and node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
             return numpy_helper.to_array(node.attribute[0].t)
         return None
-
-    def fresh(self, base: str) -> str:
-        name, k = base, 1
-        while name in self.used:
-            name, k = f"{base}_{k}", k + 1
-        self.used.add(name)
-        return name
 
     def add_initializer(self, base: str, value: np.ndarray) -> str:
         name = self.fresh(base)
