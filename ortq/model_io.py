@@ -42,7 +42,6 @@ MIN_QDQ_OPSET = 10
 #: A serialized ModelProto cannot be larger than this. Models above it are checked, shape-inferred, run and
 #: saved through files with external data. Tests lower it to exercise those paths with small models.
 PROTOBUF_LIMIT = 2**31 - 1
-_PROTOBUF_LIMIT = PROTOBUF_LIMIT  # old name, kept for importers
 #: Optional cap on the total external data a model may declare (bytes); None: bounded by the files' sizes.
 MAX_EXTERNAL_BYTES: int | None = None
 #: Tensors at least this large go to the data file when a model is written with external data.
