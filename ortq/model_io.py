@@ -1,10 +1,7 @@
 """Reading, checking and writing models without ever touching the caller's copy or leaving half a file.
 
-A model file is data from someone else. Its external data references (``location``, ``offset``, ``length``
-on each externally stored tensor) are validated before a byte of external data is read: only regular
-files inside the model's folder, no absolute paths, no ``..`` components, no symlinks leaving the folder,
-ranges inside the file, and declared sizes that the files can actually back (so a crafted model cannot
-make us allocate memory it does not hold).
+A model file is data from someone else: its external-data references are validated
+(:mod:`ortq.external_data`) before a byte of external data is read.
 
 Models over ONNX's 2 GB protobuf limit (:data:`PROTOBUF_LIMIT`) cannot be serialized in one piece: they
 are checked, shape-inferred and handed to ONNX Runtime through a file with external data in a temporary
@@ -16,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -28,11 +24,12 @@ from google.protobuf.message import DecodeError
 from onnx import TensorProto
 
 from .errors import ModelError
+from .external_data import BITS, declared_bytes, external_tensors, location, uses_external, validate_external_data
 
 __all__ = [
     "load_model", "read_model", "LoadedModel", "save_model_atomic", "staged_save", "upgrade_opset",
     "check_output_path", "model_opset", "check_model", "infer_shapes", "session_source", "over_protobuf_limit",
-    "validate_external_data", "write_with_external_data", "model_size", "PROTOBUF_LIMIT", "MAX_EXTERNAL_BYTES",
+    "write_with_external_data", "model_size", "PROTOBUF_LIMIT",
 ]
 
 log = logging.getLogger(__name__)
@@ -42,8 +39,6 @@ MIN_QDQ_OPSET = 10
 #: A serialized ModelProto cannot be larger than this. Models above it are checked, shape-inferred, run and
 #: saved through files with external data. Tests lower it to exercise those paths with small models.
 PROTOBUF_LIMIT = 2**31 - 1
-#: Optional cap on the total external data a model may declare (bytes); None: bounded by the files' sizes.
-MAX_EXTERNAL_BYTES: int | None = None
 #: Tensors at least this large go to the data file when a model is written with external data.
 EXTERNAL_MIN_BYTES = 1024
 #: Offsets in written data files are multiples of this (lets ONNX Runtime map the weights).
@@ -55,21 +50,6 @@ _STRIPPED = "ortq-stripped-for-shape-inference"
 SESSION_FILE_BYTES = 32 * 2**20  # measured: from bytes a session peaks at about 4x the weights
 #: Where temporary model folders (sessions, checker, shape inference of large models) go; None: the system's.
 TEMP_DIR: str | None = None
-
-# bits per element of every numeric tensor type (strings cannot be stored externally by ortq's rules)
-_BITS = {
-    TensorProto.FLOAT: 32, TensorProto.UINT8: 8, TensorProto.INT8: 8, TensorProto.UINT16: 16,
-    TensorProto.INT16: 16, TensorProto.INT32: 32, TensorProto.INT64: 64, TensorProto.BOOL: 8,
-    TensorProto.FLOAT16: 16, TensorProto.DOUBLE: 64, TensorProto.UINT32: 32, TensorProto.UINT64: 64,
-    TensorProto.COMPLEX64: 64, TensorProto.COMPLEX128: 128, TensorProto.BFLOAT16: 16,
-}
-for _name, _bits in (
-    ("FLOAT8E4M3FN", 8), ("FLOAT8E4M3FNUZ", 8), ("FLOAT8E5M2", 8), ("FLOAT8E5M2FNUZ", 8), ("FLOAT8E8M0", 8),
-    ("UINT4", 4), ("INT4", 4), ("FLOAT4E2M1", 4), ("UINT2", 2), ("INT2", 2),
-):
-    if hasattr(TensorProto, _name):
-        _BITS[getattr(TensorProto, _name)] = _bits
-
 
 @dataclass
 class LoadedModel:
@@ -96,9 +76,9 @@ def read_model(model: str | os.PathLike | onnx.ModelProto) -> LoadedModel:
     """:func:`load_model` with what the pipeline needs to know about external data."""
     if isinstance(model, onnx.ModelProto):
         label = "<ModelProto>"
-        for tensor in _external_tensors(model):
+        for tensor in external_tensors(model):
             raise ModelError(
-                f"{label}: tensor {tensor.name!r} keeps its data in external file {_location(tensor)!r}; pass the "
+                f"{label}: tensor {tensor.name!r} keeps its data in external file {location(tensor)!r}; pass the "
                 "model's path instead, or load it with its external data"
             )
         copy = onnx.ModelProto()
@@ -139,103 +119,6 @@ def _check_header(model: onnx.ModelProto, label: str) -> None:
 
 # ---------------------------------------------------------------------------------------------------------
 # untrusted external data
-
-
-def _all_tensors(model: onnx.ModelProto) -> Iterator[TensorProto]:
-    """Every TensorProto that may carry weights: initializers and tensor attributes, subgraphs included."""
-    from onnx.external_data_helper import _get_all_tensors
-
-    yield from _get_all_tensors(model)
-
-
-def _uses_external(tensor: TensorProto) -> bool:
-    return tensor.HasField("data_location") and tensor.data_location == TensorProto.EXTERNAL
-
-
-def _external_tensors(model: onnx.ModelProto) -> Iterator[TensorProto]:
-    return (t for t in _all_tensors(model) if _uses_external(t))
-
-
-def _location(tensor: TensorProto) -> str:
-    return next((e.value for e in tensor.external_data if e.key == "location"), "")
-
-
-def _declared_bytes(tensor: TensorProto) -> int | None:
-    bits = _BITS.get(tensor.data_type)
-    if bits is None:
-        return None
-    count = 1
-    for d in tensor.dims:
-        count *= d
-    return (count * bits + 7) // 8
-
-
-def validate_external_data(model: onnx.ModelProto, model_path: str | os.PathLike) -> list[Path]:
-    """Refuse external data references that leave the model's folder or promise more than the files hold.
-
-    Returns the external data files referenced (resolved). Nothing is read from them.
-    """
-    model_path = Path(model_path)
-    label = str(model_path)
-    base = Path(os.path.realpath(model_path.parent))
-    files: dict[Path, int] = {}
-    total = 0
-    for tensor in _external_tensors(model):
-        entries = {e.key: e.value for e in tensor.external_data}
-        loc = entries.get("location", "")
-
-        def refuse(why: str) -> ModelError:
-            return ModelError(f"{label}: tensor {tensor.name!r}: external data location {loc!r} {why}; refused")
-
-        if not loc:
-            raise refuse("is empty")
-        if "\0" in loc:
-            raise refuse("contains a NUL byte")
-        if os.path.isabs(loc) or loc.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", loc):
-            raise refuse("is an absolute path (it must be relative to the model's folder)")
-        if ".." in re.split(r"[\\/]+", loc):
-            raise refuse("has a '..' component (it must stay inside the model's folder)")
-        full = base / loc
-        resolved = Path(os.path.realpath(full))
-        if resolved != base and base not in resolved.parents:
-            raise refuse(f"resolves to {str(resolved)!r} through a symlink, outside the model's folder {str(base)!r}")
-        if not resolved.is_file():
-            raise refuse("is not an existing regular file in the model's folder")
-        size = files.setdefault(resolved, resolved.stat().st_size)
-        try:
-            offset = int(entries.get("offset", "0"))
-            length = int(entries["length"]) if "length" in entries else None
-        except ValueError:
-            raise refuse(f"has a non-integer offset or length ({entries.get('offset')!r}, {entries.get('length')!r})")
-        if offset < 0 or (length is not None and length < 0):
-            raise refuse(f"has a negative offset or length ({offset}, {length})")
-        if offset > size or (length is not None and offset + length > size):
-            raise refuse(f"points outside the file: offset {offset} + length {length} > file size {size}")
-        if any(d < 0 for d in tensor.dims):
-            raise refuse(f"belongs to a tensor with negative dims {list(tensor.dims)}")
-        declared = _declared_bytes(tensor)
-        if declared is None:
-            raise refuse(f"belongs to a tensor of type {tensor.data_type} that cannot be stored externally")
-        available = length if length is not None else size - offset
-        if declared > available:
-            raise refuse(
-                f"backs a tensor of shape {list(tensor.dims)} ({declared} bytes) with only {available} byte(s)"
-            )
-        if length is not None and length != declared:
-            raise refuse(f"has length {length}, but the tensor's shape {list(tensor.dims)} needs {declared} bytes")
-        total += declared
-    if files:
-        limit = sum(files.values()) if MAX_EXTERNAL_BYTES is None else min(MAX_EXTERNAL_BYTES, sum(files.values()))
-        if total > limit:
-            raise ModelError(
-                f"{label}: its external tensors declare {total} bytes in all, more than the {limit} bytes its data "
-                "files hold (overlapping or oversized tensors); refused before loading"
-            )
-    return sorted(files)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# size-dependent checker, shape inference and sessions
 
 
 def model_size(model: onnx.ModelProto) -> int:
@@ -389,8 +272,8 @@ def _skeleton(
         inline = (
             _data_bytes(tensor) < min_bytes
             or tensor.data_type == TensorProto.STRING
-            or _uses_external(tensor)
-            or (not tensor.HasField("raw_data") and _BITS.get(tensor.data_type, 8) < 8)
+            or uses_external(tensor)
+            or (not tensor.HasField("raw_data") and BITS.get(tensor.data_type, 8) < 8)
         )
         if inline:
             skeleton.graph.initializer.add().CopyFrom(tensor)
@@ -419,7 +302,7 @@ def _skeleton(
 def _data_bytes(tensor: TensorProto) -> int:
     """A tensor's data size, from its shape when it has raw bytes (reading them would copy them)."""
     if tensor.HasField("raw_data"):
-        declared = _declared_bytes(tensor)
+        declared = declared_bytes(tensor)
         if declared is not None:
             return declared
     return tensor.ByteSize()

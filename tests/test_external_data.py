@@ -13,7 +13,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import ortq
-from ortq import model_io
+from ortq import external_data, model_io
 from ortq.metrics import sqnr_db
 
 
@@ -87,11 +87,11 @@ def test_external_in_external_out(tmp_path: Path, ext_model: Path, toolkit: ortq
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "q.onnx", "q.onnx.data"]
     onnx.checker.check_model(str(out), full_check=True)
     loaded = onnx.load(str(out))  # with its external data
-    assert all(not model_io._uses_external(t) for t in loaded.graph.initializer)
+    assert all(not external_data.uses_external(t) for t in loaded.graph.initializer)
     x = _data(16, seed=7)["x"]
     assert sqnr_db(_run(ext_model, x), _run(out, x)) > 30
     # result.model is whole (its weights are back in memory after the split write)
-    assert not any(model_io._uses_external(t) for t in result.model.graph.initializer)
+    assert not any(external_data.uses_external(t) for t in result.model.graph.initializer)
     np.testing.assert_allclose(_run(result.model, x), _run(out, x), rtol=0, atol=0)
 
 
@@ -238,7 +238,7 @@ def test_oversized_declared_tensor_refused_before_allocation(
 
 def test_configurable_limit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = _save_external(_cnn(), tmp_path / "model.onnx")
-    monkeypatch.setattr(model_io, "MAX_EXTERNAL_BYTES", 1 << 20)
+    monkeypatch.setattr(external_data, "MAX_EXTERNAL_BYTES", 1 << 20)
     with pytest.raises(ortq.ModelError, match="more than the 1048576 bytes"):
         model_io.read_model(path)
 
