@@ -41,6 +41,7 @@ __all__ = [
     "Toolkit",
     "quantize",
     "quantize_static",
+    "quantize_dynamic",
     "QuantFormat",
     "CalibrationMethod",
     "CalibrationDataReader",
@@ -78,4 +79,4 @@ def quantize(model: Any, output: Any = None, **options: Any):  # noqa: ANN201 - 
     return Toolkit().quantize(model, output, **options)
 
 
-from .compat import CalibrationDataReader, CalibrationMethod, QuantFormat, quantize_static  # noqa: E402
+from .compat import CalibrationDataReader, CalibrationMethod, QuantFormat, quantize_dynamic, quantize_static  # noqa: E402

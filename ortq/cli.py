@@ -153,6 +153,9 @@ def build_cli(toolkit: Toolkit) -> click.Group:
     @click.option("-s", "--calibration-state", type=click.Path(dir_okay=False, path_type=Path), default=None,
                   help="Statistics saved by `ortq calibrate`, used instead of running the model.")
     @click.option("-t", "--target", default="cpu", show_default=True, help="Target backend (see `ortq plugins`).")
+    @click.option("--mode", type=click.Choice(["static", "dynamic"]), default="static", show_default=True,
+                  help="static: QDQ from calibration data; dynamic: int8 weights, activations quantized at run "
+                       "time (ONNX Runtime CPU; no calibration data; --calibration-data only verifies).")
     @click.option("--calibrate-method", default=None, help="Calibrator name (default: the target's).")
     @click.option("--calibrator-option", multiple=True, metavar="KEY=VALUE", help="Option for the calibrator; repeatable.")
     @click.option("--activation-type", type=_TYPES, default=None)
@@ -173,13 +176,29 @@ def build_cli(toolkit: Toolkit) -> click.Group:
     @_image_flags
     @click.pass_context
     def quantize(ctx: click.Context, model: Path, output: Path, calibration_data: Path | None,
-                 calibration_state: Path | None, target: str, calibrate_method: str | None,
+                 calibration_state: Path | None, target: str, mode: str, calibrate_method: str | None,
                  calibrator_option: tuple[str, ...], activation_type: str | None, weight_type: str | None, per_channel: bool | None,
                  activation_symmetric: bool | None, weight_symmetric: bool | None, reduce_range: bool | None, op_types: str | None,
                  nodes_to_quantize: str | None, nodes_to_exclude: str | None, batch_size: int | None, max_samples: int | None,
                  extreme_range: float | None, verify: bool, backend_option: tuple[str, ...], provider: tuple[str, ...],
                  intra_op_threads: int | None, **image_flags: Any) -> None:
-        """Statically quantize MODEL to QDQ form, from calibration data or a saved calibration state."""
+        """Quantize MODEL: statically to QDQ form (from calibration data or a saved calibration state), or
+        dynamically (--mode dynamic) to ONNX Runtime's DynamicQuantizeMatMul without calibration."""
+        if mode == "dynamic":
+            if target != "cpu":
+                raise click.UsageError("--mode dynamic targets ONNX Runtime's CPU provider only (--target cpu)")
+            if calibration_state is not None:
+                raise click.UsageError("--calibration-state has no use in --mode dynamic")
+            result = toolkit.quantize_dynamic(
+                model, output, op_types_to_quantize=_csv(op_types), per_channel=bool(per_channel),
+                reduce_range=bool(reduce_range), weight_type=weight_type or "int8",
+                nodes_to_quantize=_csv(nodes_to_quantize), nodes_to_exclude=_csv(nodes_to_exclude),
+                verify_data=calibration_data if verify else None, batch_size=batch_size,
+                max_samples=max_samples or 64, providers=list(provider) or None,
+            )
+            click.echo(result.summary())
+            click.echo(f"wrote {result.output}")
+            return
         if (calibration_data is None) == (calibration_state is None):
             raise click.UsageError("give exactly one of --calibration-data and --calibration-state")
         with _progress(calibration_data, max_samples) as bar:

@@ -18,7 +18,10 @@ import onnx
 from .errors import ConfigError
 from .scheme import QuantType
 
-__all__ = ["QuantFormat", "CalibrationMethod", "CalibrationDataReader", "quantize_static", "SUPPORTED_EXTRA_OPTIONS"]
+__all__ = [
+    "QuantFormat", "CalibrationMethod", "CalibrationDataReader", "quantize_static", "quantize_dynamic",
+    "SUPPORTED_EXTRA_OPTIONS", "SUPPORTED_DYNAMIC_EXTRA_OPTIONS",
+]
 
 
 class QuantFormat(enum.Enum):
@@ -137,4 +140,51 @@ def quantize_static(
     return toolkit.quantize(
         model_input, model_output, calibration_data=calibration_data_reader, target=target,
         providers=calibration_providers, **options,
+    )
+
+
+#: extra_options keys quantize_dynamic accepts, each only at the value ortq implements (ONNX Runtime's default,
+#: except MatMulConstBOnly: dynamic mode only rewrites MatMuls with a constant weight).
+SUPPORTED_DYNAMIC_EXTRA_OPTIONS = {
+    "WeightSymmetric": True, "MatMulConstBOnly": True, "EnableSubgraph": False, "ForceQuantizeNoInputCheck": False,
+}
+
+
+def quantize_dynamic(
+    model_input: str | os.PathLike | onnx.ModelProto,
+    model_output: str | os.PathLike,
+    op_types_to_quantize: Sequence[str] | None = None,
+    per_channel: bool = False,
+    reduce_range: bool = False,
+    weight_type: Any = QuantType.QInt8,
+    nodes_to_quantize: Sequence[str] | None = None,
+    nodes_to_exclude: Sequence[str] | None = None,
+    use_external_data_format: bool = False,
+    extra_options: dict[str, Any] | None = None,
+    *,
+    toolkit: Any = None,
+):  # noqa: ANN201 - returns ortq's QuantizationResult (ONNX Runtime returns None)
+    """Signature-compatible with ``onnxruntime.quantization.quantize_dynamic``.
+
+    MatMul/Gemm become ``com.microsoft.DynamicQuantizeMatMul``; Conv only when named in
+    ``op_types_to_quantize`` (ONNX Runtime's ConvInteger is slower than float Conv on the CPU).
+    """
+    from .toolkit import Toolkit
+
+    if use_external_data_format:
+        raise ConfigError("use_external_data_format is not supported yet; models must fit in 2 GB")
+    for key, value in (extra_options or {}).items():
+        if key not in SUPPORTED_DYNAMIC_EXTRA_OPTIONS:
+            supported = ", ".join(sorted(SUPPORTED_DYNAMIC_EXTRA_OPTIONS))
+            raise ConfigError(f"extra_options key {key!r} is not supported by quantize_dynamic; supported keys: {supported}")
+        if bool(value) != SUPPORTED_DYNAMIC_EXTRA_OPTIONS[key]:
+            raise ConfigError(
+                f"extra_options[{key!r}]={value!r} is not supported; only {SUPPORTED_DYNAMIC_EXTRA_OPTIONS[key]}"
+            )
+    toolkit = toolkit or Toolkit()
+    return toolkit.quantize_dynamic(
+        model_input, model_output, op_types_to_quantize=list(op_types_to_quantize) if op_types_to_quantize else None,
+        per_channel=bool(per_channel), reduce_range=bool(reduce_range), weight_type=QuantType.parse(weight_type),
+        nodes_to_quantize=list(nodes_to_quantize) if nodes_to_quantize else None,
+        nodes_to_exclude=list(nodes_to_exclude) if nodes_to_exclude else None,
     )

@@ -55,7 +55,7 @@ def compute_params(
         elif isinstance(tp.role, Weight):
             values = index.constant_value(name)
             _check_finite(values, name, tp.node)
-            params[name] = _weight_params(values, tp.spec, name)
+            params[name] = weight_params(values, tp.spec, name)
     _limit_average_requantization(plan, index, params)
     for name, tp in plan.tensors.items():
         if isinstance(tp.role, SameAs):
@@ -220,7 +220,7 @@ def _check_finite(values: np.ndarray | None, name: str, node: str) -> None:
         raise ModelError(f"constant {name!r} of node {node!r} contains NaN or Inf")
 
 
-def _weight_params(values: np.ndarray, spec: QuantSpec, name: str) -> QuantParams:
+def weight_params(values: np.ndarray, spec: QuantSpec, name: str) -> QuantParams:
     if spec.axis is not None and values.ndim > 0:
         axis = spec.axis % values.ndim
         reduce_axes = tuple(a for a in range(values.ndim) if a != axis)

@@ -22,7 +22,8 @@ from .graph import GraphIndex, uses_float16
 from .op_quantizer import Activation, SameAs
 from .model_io import check_output_path, infer_shapes, model_opset, model_size, read_model, staged_save, upgrade_opset
 from .params import bias_params, compute_params
-from .planner import QuantPlan, make_plan
+from .planner import FloatNode, QuantPlan, make_plan
+from .rewrite_dynamic import DEFAULT_DYNAMIC_OP_TYPES, DYNAMIC_OP_TYPES, rewrite_dynamic
 from .rewrite_qdq import rewrite_qdq
 from .state import CalibrationState, model_fingerprint
 from .scheme import QuantParams, QuantSpec, QuantType
@@ -32,7 +33,7 @@ if TYPE_CHECKING:
     from .backend import Backend
     from .toolkit import Toolkit
 
-__all__ = ["QuantizationResult", "quantize", "calibrate", "plan_only", "resolve_config"]
+__all__ = ["QuantizationResult", "quantize", "quantize_dynamic", "calibrate", "plan_only", "resolve_config"]
 
 log = logging.getLogger(__name__)
 
@@ -58,13 +59,18 @@ class QuantizationResult:
     quantized_bytes: int
     seconds: dict[str, float] = field(default_factory=dict)
     artifacts: list[Path] = field(default_factory=list)
+    #: Dynamic quantization (:func:`quantize_dynamic`): no ranges, no calibration.
+    dynamic: bool = False
 
     def summary(self) -> str:
         """A few lines for humans (the CLI prints this)."""
         lines = [
             f"quantized {len(self.plan.quantized_nodes)} node(s), left {len(self.plan.float_nodes)} in float "
-            f"(target {self.target}, calibrator {self.config.calibrator}, "
-            f"{self.calibration_samples} sample(s) in {self.calibration_batches} batch(es))",
+            + (
+                f"(target {self.target}, calibrator {self.config.calibrator}, "
+                f"{self.calibration_samples} sample(s) in {self.calibration_batches} batch(es))"
+                if not self.dynamic else f"(target {self.target}, dynamic: activations quantized at run time)"
+            ),
             f"size: {self.float_bytes / 1e6:.3f} MB -> {self.quantized_bytes / 1e6:.3f} MB "
             f"({self.float_bytes / max(self.quantized_bytes, 1):.2f}x smaller)",
         ]
@@ -360,6 +366,92 @@ def quantize(
                 raise
             except Exception as exc:
                 raise PluginError(f"backend {backend.name!r} failed to export: {exc!r}") from exc
+    return result
+
+
+def quantize_dynamic(
+    toolkit: Toolkit,
+    model: str | Path | onnx.ModelProto,
+    output: str | Path | None = None,
+    *,
+    op_types_to_quantize: Sequence[str] | None = None,
+    per_channel: bool = False,
+    reduce_range: bool = False,
+    weight_type: Any = "int8",
+    nodes_to_quantize: Sequence[str] | None = None,
+    nodes_to_exclude: Sequence[str] | None = None,
+    verify_data: Any = None,
+    batch_size: int | None = None,
+    max_samples: int | None = 64,
+    providers: Sequence[Any] | None = None,
+) -> QuantizationResult:
+    """Dynamically quantize ``model``: weights to symmetric ``weight_type`` offline, activations at run time.
+
+    MatMul (constant 2-D weight) and Gemm become ``com.microsoft.DynamicQuantizeMatMul``; Conv becomes
+    DynamicQuantizeLinear -> ConvInteger -> rescale, but only when named in ``op_types_to_quantize``
+    (ONNX Runtime's ConvInteger is slower than float Conv; see :mod:`ortq.rewrite_dynamic`). No calibration
+    data is needed; ``verify_data`` (any calibration-data source) is only used to compare outputs with the
+    float model. The model is always checked (onnx.checker full check and an ONNX Runtime load).
+    """
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    out = check_output_path(output) if output is not None else None
+    requested = frozenset(op_types_to_quantize) if op_types_to_quantize else DEFAULT_DYNAMIC_OP_TYPES
+    unsupported = requested - DYNAMIC_OP_TYPES
+    if unsupported:
+        log.warning("dynamic quantization rewrites only %s; ignoring %s", sorted(DYNAMIC_OP_TYPES), sorted(unsupported))
+    op_types = requested & DYNAMIC_OP_TYPES
+    if not op_types:
+        raise ConfigError(f"op_types_to_quantize selects none of {sorted(DYNAMIC_OP_TYPES)}")
+    overrides: dict[str, Any] = {
+        "weight_type": weight_type, "weight_symmetric": True, "per_channel": bool(per_channel),
+        "reduce_range": bool(reduce_range), "op_types_to_quantize": sorted(op_types), "quantize_bias": False,
+        "matmul_const_b_only": True, "nodes_to_quantize": list(nodes_to_quantize) if nodes_to_quantize else None,
+        "nodes_to_exclude": list(nodes_to_exclude) if nodes_to_exclude else None,
+    }
+    p = _prepare(toolkit, model, "cpu", overrides)
+    backend, config, proto, label = p.backend, p.config, p.model, p.label
+    if model_opset(proto) < 11 and "Conv" in op_types:  # DynamicQuantizeLinear
+        proto = upgrade_opset(proto, 11, label)
+    index = GraphIndex(proto)
+    plan = make_plan(toolkit, index, config, backend)
+    timings["plan"] = time.perf_counter() - t0
+
+    feeds: list[dict[str, np.ndarray]] = []
+    reference: list[dict[str, np.ndarray]] = []
+    t1 = time.perf_counter()
+    if verify_data is not None:
+        from .verify import make_session
+
+        session = make_session(proto, providers)
+        names = [o.name for o in session.get_outputs()]
+        for feed in iter_batches(verify_data, model_inputs(proto), batch_size, max_samples):
+            feeds.append(feed)
+            reference.append(dict(zip(names, session.run(names, feed))))
+        del session
+    timings["reference"] = time.perf_counter() - t1
+
+    t2 = time.perf_counter()
+    params, kept = rewrite_dynamic(proto, index, plan, config)
+    for name, reason in kept.items():
+        log.info("%s: node %r stays float: %s", label, name, reason)
+        plan.float_nodes.append(FloatNode(name, plan.quantized_nodes.pop(name, ""), reason))
+    timings["rewrite"] = time.perf_counter() - t2
+
+    t3 = time.perf_counter()
+    report = verify_model(proto, feeds, reference, providers)
+    low = report.min_sqnr_db
+    if low is not None and low < LOW_SQNR_DB:
+        log.warning("%s: the dynamically quantized model's output SQNR is only %.1f dB", label, low)
+    timings["verify"] = time.perf_counter() - t3
+    result = QuantizationResult(
+        model=proto, output=out, target=backend.name, config=config, plan=plan, ranges={}, params=params,
+        vetoes={}, calibration_batches=0, calibration_samples=0, verification=report,
+        float_bytes=p.float_bytes, quantized_bytes=model_size(proto), seconds=timings, dynamic=True,
+    )
+    if out is not None:
+        with staged_save(proto, out, external_data=p.external_data or None, protect=p.external_files):
+            pass
     return result
 
 

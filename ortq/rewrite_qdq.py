@@ -96,7 +96,7 @@ def rewrite_qdq(
                 node.output[i] = renamed_outputs[tensor]
         graph.node.append(node)
         graph.node.extend(after.get(node.name, []))
-    _drop_unused_constants(graph)
+    drop_unused_constants(graph)
     return model
 
 
@@ -133,7 +133,7 @@ def _constant_dq(
     )
 
 
-def _drop_unused_constants(graph: onnx.GraphProto) -> None:
+def drop_unused_constants(graph: onnx.GraphProto) -> None:
     """Remove float initializers (and Constant nodes) that every consumer now reads quantized."""
     used = {x for n in graph.node for x in n.input} | {o.name for o in graph.output}
     used |= _subgraph_references(graph)

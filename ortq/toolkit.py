@@ -204,6 +204,12 @@ class Toolkit:
 
         return quantize(self, model, output, **options)
 
+    def quantize_dynamic(self, model: Any, output: Any = None, **options: Any):  # noqa: ANN201 - see pipeline
+        """Dynamically quantize ``model`` (no calibration); see :func:`ortq.pipeline.quantize_dynamic`."""
+        from .pipeline import quantize_dynamic
+
+        return quantize_dynamic(self, model, output, **options)
+
     def calibrate(self, model: Any, calibration_data: Any, **options: Any):  # noqa: ANN201
         """Run calibration only and return a :class:`ortq.CalibrationState`; see :func:`ortq.pipeline.calibrate`."""
         from .pipeline import calibrate

@@ -1,0 +1,217 @@
+"""Stage 4 (dynamic mode): replace planned MatMul / Gemm / Conv nodes by ONNX Runtime's integer ops.
+
+Weights are quantized offline (symmetric, per-tensor or per-output-channel); activations are quantized at
+run time by the kernel itself, so no calibration data is needed:
+
+- MatMul with a constant 2-D weight, and Gemm (alpha = beta = 1, transA = 0) with a constant B, become
+  ``com.microsoft.DynamicQuantizeMatMul(A, B_q, b_scale, b_zero_point, bias?)``. A transB=1 weight is
+  transposed offline; a 1-D Gemm C becomes the kernel's bias, any other C is added after it.
+- Conv becomes ``DynamicQuantizeLinear(x) -> ConvInteger -> Cast(float) -> Mul(x_scale * w_scale)
+  -> Add(bias)``. ONNX Runtime 1.32's ConvInteger takes only a scalar weight zero point (per-channel
+  scales still work, applied in the float Mul, because the weights are symmetric) and its int8-weight
+  kernel measured 4x slower than float (3x3 64->64 at 56x56, one thread: 8.5 ms vs 2.1 ms; uint8
+  weights 1.7 ms), so the pipeline leaves Conv float unless it is asked for by ``op_types_to_quantize``.
+
+Nodes the planner left float, and planned nodes that do not fit the patterns above (N-D weights, float16,
+alpha/beta != 1), stay as they are.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from .graph import FreshNames, GraphIndex
+from .op_quantizer import Weight
+from .params import weight_params
+from .rewrite_qdq import drop_unused_constants
+from .scheme import QuantParams, QuantSpec, quantize_array
+
+if TYPE_CHECKING:
+    from .config import QuantConfig
+    from .planner import QuantPlan
+
+__all__ = ["rewrite_dynamic", "DYNAMIC_OP_TYPES", "DEFAULT_DYNAMIC_OP_TYPES", "MS_DOMAIN"]
+
+log = logging.getLogger(__name__)
+
+MS_DOMAIN = "com.microsoft"
+#: Ops dynamic quantization can rewrite.
+DYNAMIC_OP_TYPES = frozenset({"MatMul", "Gemm", "Conv"})
+#: Rewritten unless named otherwise: ConvInteger is slower than float on ONNX Runtime's CPU provider.
+DEFAULT_DYNAMIC_OP_TYPES = frozenset({"MatMul", "Gemm"})
+
+
+def rewrite_dynamic(
+    model: onnx.ModelProto, index: GraphIndex, plan: QuantPlan, config: QuantConfig
+) -> tuple[dict[str, QuantParams], dict[str, str]]:
+    """Rewrite ``model`` in place; return the weight parameters and the planned nodes kept float (with why)."""
+    graph = model.graph
+    names = FreshNames(model)
+    params: dict[str, QuantParams] = {}
+    kept: dict[str, str] = {}
+    new_nodes: list[onnx.NodeProto] = []
+    new_inits: list[TensorProto] = []
+    cache: dict[tuple[str, bool, str], tuple[str, str, str]] = {}
+    weight_spec = config.weight
+
+    def quantized_weight(name: str, transpose: bool, kind: str) -> tuple[str, str, str, QuantParams]:
+        values = index.constant_value(name).astype(np.float32)
+        if transpose:
+            values = values.T
+        axis = (0 if kind == "conv" else 1) if config.per_channel else None
+        spec = QuantSpec(weight_spec.qtype, True, axis, weight_spec.reduce_range)
+        p = weight_params(values, spec, name)
+        key = (name, transpose, kind)
+        if key not in cache:
+            q = quantize_array(values, p)
+            base = f"{name}{'_T' if transpose else ''}"
+            q_name = names(f"{base}_quantized")
+            s_name = names(f"{base}_scale")
+            z_name = names(f"{base}_zero_point")
+            new_inits.append(numpy_helper.from_array(q, q_name))
+            if kind == "conv":
+                shape = [1, -1] + [1] * (values.ndim - 2)
+                new_inits.append(numpy_helper.from_array(p.scale.reshape(shape).astype(np.float32), s_name))
+                # ConvInteger accepts only a scalar weight zero point; symmetric weights share one.
+                new_inits.append(numpy_helper.from_array(np.asarray(p.zero_point.reshape(-1)[0]), z_name))
+            else:
+                new_inits.append(numpy_helper.from_array(p.scale, s_name))
+                new_inits.append(numpy_helper.from_array(p.zero_point, z_name))
+            cache[key] = (q_name, s_name, z_name)
+        return (*cache[key], p)
+
+    bias_adds = _bias_adds(index, plan)
+    absorbed = {add.name for add in bias_adds.values()}
+    # An activation read by several MatMuls (Q, K and V projections) is quantized once, not once per kernel.
+    readers: dict[str, int] = {}
+    for node in graph.node:
+        if node.op_type == "MatMul" and _unfit(node, index, plan) is None:
+            readers[node.input[0]] = readers.get(node.input[0], 0) + 1
+    shared: dict[str, tuple[str, str, str]] = {}
+    for node in graph.node:
+        if node.name in absorbed:
+            continue  # its bias became the input of the DynamicQuantizeMatMul before it
+        reason = _unfit(node, index, plan)
+        if reason is not None:
+            if node.name in plan.quantized_nodes:
+                kept[node.name] = reason
+            new_nodes.append(node)
+            continue
+        if node.op_type == "MatMul":
+            q, s, z, p = quantized_weight(node.input[1], False, "matmul")
+            add = bias_adds.get(node.name)
+            inputs, outputs = [node.input[0], q, s, z], list(node.output)
+            bias = ""
+            if add is not None:
+                bias = add.input[1] if add.input[0] == node.output[0] else add.input[0]
+                outputs = list(add.output)
+            x = node.input[0]
+            if readers.get(x, 0) > 1:
+                if x not in shared:
+                    shared[x] = (names(f"{x}_dyn_quantized"), names(f"{x}_dyn_scale"), names(f"{x}_dyn_zero_point"))
+                    new_nodes.append(helper.make_node(
+                        "DynamicQuantizeLinear", [x], list(shared[x]), name=names(f"{x}_DynamicQuantizeLinear")))
+                xq, xs, xz = shared[x]
+                new_nodes.append(helper.make_node(
+                    "MatMulIntegerToFloat", [xq, q, xs, s, xz, z, bias] if bias else [xq, q, xs, s, xz, z], outputs,
+                    name=node.name, domain=MS_DOMAIN))
+            else:
+                new_nodes.append(helper.make_node(
+                    "DynamicQuantizeMatMul", [*inputs, bias] if bias else inputs, outputs, name=node.name, domain=MS_DOMAIN))
+        elif node.op_type == "Gemm":
+            trans_b = bool(index.attribute(node, "transB", 0))
+            q, s, z, p = quantized_weight(node.input[1], trans_b, "matmul")
+            c = node.input[2] if len(node.input) > 2 else ""
+            c_shape = index.shape(c) if c else None
+            inputs = [node.input[0], q, s, z]
+            if c and c_shape is not None and len(c_shape) == 1:
+                new_nodes.append(helper.make_node("DynamicQuantizeMatMul", [*inputs, c], list(node.output),
+                                                  name=node.name, domain=MS_DOMAIN))
+            elif c:
+                mm = names(f"{node.name}_matmul")
+                new_nodes.append(helper.make_node("DynamicQuantizeMatMul", inputs, [mm], name=node.name, domain=MS_DOMAIN))
+                new_nodes.append(helper.make_node("Add", [mm, c], list(node.output), name=names(f"{node.name}_bias")))
+            else:
+                new_nodes.append(helper.make_node("DynamicQuantizeMatMul", inputs, list(node.output),
+                                                  name=node.name, domain=MS_DOMAIN))
+        else:  # Conv
+            q, s, z, p = quantized_weight(node.input[1], False, "conv")
+            x = node.input[0]
+            xq, xs, xz = names(f"{x}_dyn_quantized"), names(f"{x}_dyn_scale"), names(f"{x}_dyn_zero_point")
+            acc, acc_f, scale = names(f"{node.name}_int32"), names(f"{node.name}_float"), names(f"{node.name}_scale")
+            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+            has_bias = len(node.input) > 2 and bool(node.input[2])
+            out = names(f"{node.name}_scaled") if has_bias else node.output[0]
+            new_nodes += [
+                helper.make_node("DynamicQuantizeLinear", [x], [xq, xs, xz], name=names(f"{node.name}_quantize_input")),
+                helper.make_node("ConvInteger", [xq, q, xz, z], [acc], name=node.name, **attrs),
+                helper.make_node("Cast", [acc], [acc_f], name=names(f"{node.name}_cast"), to=TensorProto.FLOAT),
+                helper.make_node("Mul", [xs, s], [scale], name=names(f"{node.name}_scale_product")),
+                helper.make_node("Mul", [acc_f, scale], [out], name=names(f"{node.name}_rescale")),
+            ]
+            if has_bias:
+                bias = node.input[2]
+                b_shape = names(f"{bias}_shape")
+                new_inits.append(numpy_helper.from_array(
+                    np.array([1, -1] + [1] * (len(index.shape(node.input[1]) or [0, 0, 0, 0]) - 2), np.int64), b_shape))
+                b4 = names(f"{bias}_reshaped")
+                new_nodes += [
+                    helper.make_node("Reshape", [bias, b_shape], [b4], name=names(f"{node.name}_bias_reshape")),
+                    helper.make_node("Add", [out, b4], [node.output[0]], name=names(f"{node.name}_bias")),
+                ]
+        params[node.input[1]] = p
+
+    del graph.node[:]
+    graph.node.extend(new_nodes)
+    graph.initializer.extend(new_inits)
+    drop_unused_constants(graph)
+    if params and not any(o.domain == MS_DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    return params, kept
+
+
+def _bias_adds(index: GraphIndex, plan: QuantPlan) -> dict[str, onnx.NodeProto]:
+    """MatMul node -> the Add of a constant vector that only it feeds: the kernel adds the bias itself."""
+    found = {}
+    for node in index.graph.node:
+        if node.op_type != "MatMul" or _unfit(node, index, plan) is not None:
+            continue
+        out = node.output[0]
+        readers = index.consumers.get(out, [])
+        if len(readers) != 1 or out in index.graph_outputs or readers[0].op_type != "Add":
+            continue
+        add = readers[0]
+        other = add.input[1] if add.input[0] == out else add.input[0]
+        bias = index.constant_value(other)
+        if bias is not None and bias.ndim == 1 and bias.dtype == np.float32:
+            found[node.name] = add
+    return found
+
+
+def _unfit(node: onnx.NodeProto, index: GraphIndex, plan: QuantPlan) -> str | None:
+    """Why a node is not rewritten, or None."""
+    if node.name not in plan.quantized_nodes or node.op_type not in DYNAMIC_OP_TYPES or len(node.input) < 2:
+        return "not planned"
+    weight = plan.tensors.get(node.input[1])
+    if weight is None or not isinstance(weight.role, Weight):
+        return "its weight is not a planned constant"
+    if index.float_dtype(node.input[0]) != np.float32 or index.float_dtype(node.input[1]) != np.float32:
+        return "the integer kernels take float32 only"
+    values = index.constant_value(node.input[1])
+    if values is None:
+        return "its weight has no readable value"
+    if node.op_type in ("MatMul", "Gemm") and values.ndim != 2:
+        return "its weight is not a 2-D matrix"
+    if node.op_type == "Gemm":
+        if float(index.attribute(node, "alpha", 1.0)) != 1.0 or float(index.attribute(node, "beta", 1.0)) != 1.0:
+            return "alpha or beta is not 1"
+        if int(index.attribute(node, "transA", 0)):
+            return "transA=1"
+    if node.op_type == "Conv" and values.ndim < 3:
+        return "its weight has an unexpected rank"
+    return None

@@ -1,0 +1,132 @@
+"""Dynamic quantization: int8 weights offline, activations quantized at run time by ONNX Runtime's kernels."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from click.testing import CliRunner
+from models import gemm, run_float, transformer_block
+from onnx import helper, numpy_helper
+
+import ortq
+from ortq.cli import build_cli
+from ortq.metrics import cosine_similarity, sqnr_db
+
+
+def _optimized_ops(model_path: Path, tmp_path: Path) -> list[onnx.NodeProto]:
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    so.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(model_path), so, providers=["CPUExecutionProvider"])
+    return list(onnx.load(tmp_path / "optimized.onnx").graph.node)
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_encoder_block_dynamic(tmp_path: Path, toolkit: ortq.Toolkit, per_channel: bool) -> None:
+    model, calibration, evaluation = transformer_block()
+    out = tmp_path / "dyn.onnx"
+    result = toolkit.quantize_dynamic(model, out, per_channel=per_channel, verify_data=calibration)
+    assert result.ranges == {} and result.calibration_samples == 0 and result.calibration_batches == 0
+    assert len(result.plan.quantized_nodes) == 6  # q, k, v, attention output, ffn in, ffn out
+    q = onnx.load(out)
+    onnx.checker.check_model(q, full_check=True)
+    assert result.verification.min_sqnr_db is not None and result.verification.min_sqnr_db > 25
+    assert cosine_similarity(run_float(model, evaluation)[0], run_float(q, evaluation)[0]) >= 0.99
+    nodes = _optimized_ops(out, tmp_path)
+    ops = {n.op_type for n in nodes}
+    assert ops & {"DynamicQuantizeMatMul", "MatMulIntegerToFloat"}
+    optimized = onnx.load(tmp_path / "optimized.onnx")
+    constants = {i.name for i in optimized.graph.initializer}
+    float_const_matmuls = [n.name for n in nodes if n.op_type in ("MatMul", "Gemm", "FusedMatMul") and n.input[1] in constants]
+    assert not float_const_matmuls
+    # The float weights are gone: the model shrank about 4x.
+    assert result.quantized_bytes < result.float_bytes / 3
+
+
+def test_gemm_trans_b_with_bias_is_exact_to_quantization_error(toolkit: ortq.Toolkit) -> None:
+    model, _, evaluation = gemm(trans_b=1)
+    result = toolkit.quantize_dynamic(model)
+    assert [n.op_type for n in result.model.graph.node] == ["DynamicQuantizeMatMul"]
+    assert len(result.model.graph.node[0].input) == 5  # the bias rides in the kernel
+    assert sqnr_db(run_float(model, evaluation)[0], run_float(result.model, evaluation)[0]) > 30
+
+
+def test_gemm_with_scaled_alpha_stays_float(toolkit: ortq.Toolkit) -> None:
+    model, _, _ = gemm(trans_b=0)
+    model.graph.node[0].attribute.append(helper.make_attribute("alpha", 0.5))
+    result = toolkit.quantize_dynamic(model)
+    assert [n.op_type for n in result.model.graph.node] == ["Gemm"]
+    assert any("alpha" in f.reason for f in result.plan.float_nodes)
+
+
+def test_shared_weight_quantized_once(toolkit: ortq.Toolkit) -> None:
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.normal(size=(8, 8)).astype(np.float32), "w")
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="a"), helper.make_node("MatMul", ["h", "w"], ["y"], name="b")]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 8])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 8])], initializer=[w],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    result = toolkit.quantize_dynamic(model)
+    assert [n.op_type for n in result.model.graph.node] == ["DynamicQuantizeMatMul"] * 2
+    assert len(result.model.graph.initializer) == 3  # weight, scale, zero point; the float weight is gone
+
+
+def test_conv_only_when_asked(toolkit: ortq.Toolkit) -> None:
+    from conftest import tiny_cnn, tiny_data
+
+    model = tiny_cnn()
+    default = toolkit.quantize_dynamic(model)
+    assert "ConvInteger" not in {n.op_type for n in default.model.graph.node}
+    for weight_type in ("int8", "uint8"):
+        for per_channel in (False, True):
+            result = toolkit.quantize_dynamic(
+                model, op_types_to_quantize=["Conv", "Gemm", "MatMul"], per_channel=per_channel, weight_type=weight_type
+            )
+            assert "ConvInteger" in {n.op_type for n in result.model.graph.node}
+            onnx.checker.check_model(result.model, full_check=True)
+            feed = tiny_data(8, seed=4)
+            assert sqnr_db(run_float(model, feed)[0], run_float(result.model, feed)[0]) > 20
+
+
+def test_compat_with_onnxruntime_quant_type(tmp_path: Path) -> None:
+    from onnxruntime.quantization import QuantType
+
+    model, _, evaluation = transformer_block()
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    ortq.quantize_dynamic(str(path), str(tmp_path / "q.onnx"), per_channel=True, weight_type=QuantType.QInt8,
+                          extra_options={"WeightSymmetric": True})
+    q = onnx.load(tmp_path / "q.onnx")
+    assert "DynamicQuantizeMatMul" in {n.op_type for n in q.graph.node}
+    assert cosine_similarity(run_float(model, evaluation)[0], run_float(q, evaluation)[0]) >= 0.99
+
+
+def test_compat_refuses_unknown_extra_options(tmp_path: Path) -> None:
+    model, _, _ = gemm()
+    with pytest.raises(ortq.ConfigError, match="MatMulNBitsBlockSize"):
+        ortq.quantize_dynamic(model, tmp_path / "q.onnx", extra_options={"MatMulNBitsBlockSize": 32})
+    with pytest.raises(ortq.ConfigError, match="WeightSymmetric"):
+        ortq.quantize_dynamic(model, tmp_path / "q.onnx", extra_options={"WeightSymmetric": False})
+    assert not (tmp_path / "q.onnx").exists()
+
+
+def test_cli_dynamic_needs_no_calibration_data(tmp_path: Path, toolkit: ortq.Toolkit) -> None:
+    model, _, evaluation = transformer_block()
+    path, out = tmp_path / "m.onnx", tmp_path / "q.onnx"
+    onnx.save(model, path)
+    result = CliRunner().invoke(build_cli(toolkit), ["quantize", str(path), "-o", str(out), "--mode", "dynamic"])
+    assert result.exit_code == 0, result.output
+    assert f"wrote {out}" in result.output and "dynamic" in result.output
+    q = onnx.load(out)
+    onnx.checker.check_model(q, full_check=True)
+    assert "DynamicQuantizeMatMul" in {n.op_type for n in q.graph.node}
+    assert cosine_similarity(run_float(model, evaluation)[0], run_float(q, evaluation)[0]) >= 0.99
+    # Static mode still insists on data.
+    result = CliRunner().invoke(build_cli(toolkit), ["quantize", str(path), "-o", str(out)])
+    assert result.exit_code != 0
