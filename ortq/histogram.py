@@ -98,9 +98,6 @@ class HistogramStatistic(Statistic):
         """The ``2 * half_bins + 1`` bin edges (float64, exact)."""
         return (np.arange(2 * self.half_bins + 1, dtype=np.float64) - self.half_bins) * self.width
 
-    def centers(self) -> np.ndarray:
-        return (np.arange(2 * self.half_bins, dtype=np.float64) - self.half_bins + 0.5) * self.width
-
     def folded(self) -> np.ndarray:
         """Counts of ``|x|`` over ``[k*w, (k+1)*w)``, ``k < half_bins``: negative bins mirrored onto positive ones.
 

@@ -20,7 +20,7 @@ from .data import iter_batches, model_inputs
 from .errors import CalibrationError, ConfigError, ModelError, OrtqError, PluginError
 from .graph import GraphIndex, uses_float16
 from .op_quantizer import Activation, SameAs
-from .model_io import check_output_path, infer_shapes, model_opset, model_size, read_model, staged_save, upgrade_opset
+from .model_io import MIN_QDQ_OPSET, check_output_path, infer_shapes, model_opset, model_size, read_model, staged_save, upgrade_opset
 from .params import bias_params, compute_params
 from .planner import FloatNode, QuantPlan, make_plan
 from .rewrite_dynamic import DEFAULT_DYNAMIC_OP_TYPES, DYNAMIC_OP_TYPES, rewrite_dynamic
@@ -150,7 +150,7 @@ def _prepare(toolkit: Toolkit, model: Any, target: str, overrides: dict[str, Any
     fingerprint = model_fingerprint(proto)
     listed_initializers = proto.ir_version < 4
     # Float16 tensors need opset 19, where QuantizeLinear/DequantizeLinear accept float16 scales.
-    required = max(10, config.required_opset, 19 if uses_float16(proto) else 0)
+    required = max(MIN_QDQ_OPSET, config.required_opset, 19 if uses_float16(proto) else 0)
     proto = upgrade_opset(proto, required, label)
     if listed_initializers:  # after the upgrade: the version converter still wants the IR-3 listing
         _drop_initializers_from_inputs(proto)

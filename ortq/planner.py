@@ -188,9 +188,9 @@ def _admit(
     """Check a node's declared roles against the graph and earlier decisions, then commit them."""
     staged: dict[str, TensorPlan] = {}
     outputs = {} if node.op_type in config.op_types_no_output_quantization else node_plan.outputs
-    entries = [(node.input, i, r, False) for i, r in node_plan.inputs.items()]
-    entries += [(node.output, i, r, True) for i, r in outputs.items()]
-    for names, i, role, is_output in entries:
+    entries = [(node.input, i, r) for i, r in node_plan.inputs.items()]
+    entries += [(node.output, i, r) for i, r in outputs.items()]
+    for names, i, role in entries:
         if i >= len(names) or not names[i]:
             continue  # optional input or output not present
         name = names[i]

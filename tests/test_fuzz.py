@@ -414,7 +414,7 @@ def test_zero_weight_keeps_a_tiny_bias() -> None:
     data = {"x": (np.random.default_rng(0).standard_normal((8, 6)) * 1e-3).astype(np.float32)}
     for per_channel in (True, False):
         sqnr, result = _quantized_sqnr(model, data, per_channel=per_channel)
-        assert "Gemm_0" in result.plan.quantized_nodes or result.plan.quantized_nodes
+        assert result.plan.quantized_nodes == {"Gemm_0": "Gemm"}  # quantized, not dodged by staying float
         assert sqnr > 40, sqnr
 
 
@@ -426,7 +426,8 @@ def test_bias_leaves_room_for_the_int32_accumulation() -> None:
                         [_f32("w", rng.standard_normal((2, 6)) * 5e-5), _f32("b", [7.161, 3.252])], 2)
     data = {"x": rng.uniform(0.0, 0.5, (8, 6)).astype(np.float32)}
     sqnr, result = _quantized_sqnr(model, data)
-    assert result.plan.quantized_nodes and sqnr > 30, sqnr
+    assert result.plan.quantized_nodes == {"Gemm_0": "Gemm"}
+    assert sqnr > 30, sqnr
 
 
 def test_nearly_constant_global_average_pool_runs() -> None:

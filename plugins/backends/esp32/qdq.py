@@ -41,7 +41,6 @@ __all__ = [
 
 KERNEL_OPS = frozenset({"Conv", "Gemm", "MatMul"})
 _FUSABLE = frozenset({"Relu", "LeakyRelu"})
-_QDQ = frozenset({"QuantizeLinear", "DequantizeLinear"})
 
 
 def exponent_of(scale: np.ndarray, what: str) -> np.ndarray:
@@ -127,10 +126,6 @@ class Layer:
     @property
     def depthwise(self) -> bool:
         return self.kernel.op_type == "Conv" and self.group > 1
-
-    @property
-    def out_channels(self) -> int:
-        return int(self.weight.values.shape[0] if self.kernel.op_type == "Conv" else self.weight.values.shape[1])
 
 
 def c_identifier(name: str, used: set[str]) -> str:
@@ -224,9 +219,6 @@ class QdqGraph:
             if n.op_type == "QuantizeLinear":
                 return n
         return None
-
-    def compute_nodes(self) -> list[onnx.NodeProto]:
-        return [n for n in self.nodes if n.op_type not in _QDQ and n.op_type != "Constant"]
 
     # -- layers ------------------------------------------------------------------------------------------
     def layers(self) -> dict[str, Layer]:
