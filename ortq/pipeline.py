@@ -130,13 +130,17 @@ class _Prepared:
     model: onnx.ModelProto
     float_bytes: int
     label: str
-    fingerprint: str
+    #: Hash of the model as given, computed only where a calibration state is made or checked
+    #: (it reads every weight).
+    fingerprint: str | None
     #: The input kept its weights in external data (the output then does too), and the files it used.
     external_data: bool = False
     external_files: list[Path] = field(default_factory=list)
 
 
-def _prepare(toolkit: Toolkit, model: Any, target: str, overrides: dict[str, Any]) -> _Prepared:
+def _prepare(
+    toolkit: Toolkit, model: Any, target: str, overrides: dict[str, Any], *, fingerprint: bool = False
+) -> _Prepared:
     unknown = set(overrides) - _OVERRIDES
     if unknown:
         raise ConfigError(f"unknown option(s) {sorted(unknown)}; supported: {sorted(_OVERRIDES)}")
@@ -147,7 +151,7 @@ def _prepare(toolkit: Toolkit, model: Any, target: str, overrides: dict[str, Any
     del loaded.model  # one owner of the weights: ``proto`` (later stages may replace it)
     label = str(source) if source else "model"
     float_bytes = model_size(proto)  # ByteSize() would serialize the weights to count them
-    fingerprint = model_fingerprint(proto)
+    digest = model_fingerprint(proto) if fingerprint else None
     listed_initializers = proto.ir_version < 4
     # Float16 tensors need opset 19, where QuantizeLinear/DequantizeLinear accept float16 scales.
     required = max(MIN_QDQ_OPSET, config.required_opset, 19 if uses_float16(proto) else 0)
@@ -170,7 +174,7 @@ def _prepare(toolkit: Toolkit, model: Any, target: str, overrides: dict[str, Any
     except Exception as exc:  # shape inference is a help, never a requirement
         log.warning("%s: shape inference failed (%s); tensors of unknown type stay float", label, exc)
     return _Prepared(
-        backend, config, proto, float_bytes, label, fingerprint, loaded.external_data, loaded.external_files
+        backend, config, proto, float_bytes, label, digest, loaded.external_data, loaded.external_files
     )
 
 
@@ -224,7 +228,7 @@ def calibrate(
     The state can be saved, merged with other shards, and passed to :func:`quantize` as
     ``calibration_state`` to quantize without running the model again.
     """
-    p = _prepare(toolkit, model, target, overrides)
+    p = _prepare(toolkit, model, target, overrides, fingerprint=True)
     calibrator = toolkit.calibrator(p.config.calibrator, **p.config.calibrator_options)
     index = GraphIndex(p.model)
     plan = make_plan(toolkit, index, p.config, p.backend)
@@ -293,7 +297,7 @@ def quantize(
     if calibration_state is not None and calibration_data is not None:
         raise ConfigError("give calibration_data or calibration_state, not both")
     out = check_output_path(output) if output is not None else None
-    p = _prepare(toolkit, model, target, overrides)
+    p = _prepare(toolkit, model, target, overrides, fingerprint=calibration_state is not None)
     backend, config, proto, label = p.backend, p.config, p.model, p.label
     state = None
     if calibration_state is not None:
