@@ -277,9 +277,7 @@ def count_samples(source: Any, max_samples: int | None = None) -> int | None:
     try:
         path = Path(source)
         if path.is_file() and path.suffix == ".npz":
-            with np.load(path, allow_pickle=False) as data:
-                first = data.files[0] if data.files else None
-                total = int(data[first].shape[0]) if first is not None else 0
+            total = _npz_leading_dim(path)
         elif path.is_dir():
             npz = list(path.glob("*.npz"))
             npy = list(path.glob("*.npy"))
@@ -290,3 +288,18 @@ def count_samples(source: Any, max_samples: int | None = None) -> int | None:
     if total is not None and max_samples is not None:
         total = min(total, max_samples)
     return total
+
+
+def _npz_leading_dim(path: Path) -> int:
+    """Axis 0 of the first array in a .npz, from its header only: the progress bar must not load the data."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        names = [n for n in archive.namelist() if n.endswith(".npy")]
+        if not names:
+            return 0
+        with archive.open(names[0]) as member:
+            major, _ = np.lib.format.read_magic(member)
+            read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+            shape, _, _ = read_header(member)
+    return int(shape[0]) if shape else 1

@@ -108,3 +108,18 @@ def test_real_process_with_autoload_off(tmp_path: Path, cnn_files) -> None:
                          capture_output=True, text=True, env=env, timeout=120)
     assert bad.returncode == 1
     assert bad.stderr.strip().splitlines()[-1] == f"Error: {tmp_path / 'missing.onnx'}: no such model file"
+
+
+def test_progress_total_is_read_from_headers(tmp_path: Path) -> None:
+    from ortq.data import count_samples
+
+    np.savez(tmp_path / "a.npz", x=np.zeros((37, 3), np.float32))
+    np.savez_compressed(tmp_path / "b.npz", x=np.zeros((5, 3), np.float32))
+    folder = tmp_path / "per_input"
+    folder.mkdir()
+    np.save(folder / "x.npy", np.zeros((12, 3), np.float32))
+    assert count_samples(tmp_path / "a.npz") == 37
+    assert count_samples(tmp_path / "b.npz") == 5
+    assert count_samples(tmp_path / "a.npz", max_samples=10) == 10
+    assert count_samples(folder) == 12
+    assert count_samples(object()) is None
