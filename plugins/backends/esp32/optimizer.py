@@ -22,57 +22,33 @@ computed in float64 and stored in the weight's own type.
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ortq.graph import FreshNames
+from ortq.graph import FreshNames, GraphIndex
+from ortq.rewrite_qdq import drop_unused_constants
 
 __all__ = ["fold_batch_norm", "fold_add_bias", "make_batch_dynamic", "optimize_for_esp_dl"]
 
 log = logging.getLogger(__name__)
 
 
-class _Graph:
-    """Producers, consumers and constants of one graph, rebuilt after every edit (graphs here are small)."""
+class _Graph(GraphIndex):
+    """ortq's graph index plus the edits these passes make; rebuilt after every edit (graphs here are small)."""
 
     def __init__(self, model: onnx.ModelProto) -> None:
-        self.model = model
-        self.graph = model.graph
-        self.inits = {i.name: i for i in self.graph.initializer}
-        self.graph_inputs = {i.name for i in self.graph.input}
-        self.graph_outputs = {o.name for o in self.graph.output}
-        self.producer: dict[str, onnx.NodeProto] = {}
-        self.consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
-        for node in self.graph.node:
-            for o in node.output:
-                self.producer[o] = node
-            for i in node.input:
-                if i:
-                    self.consumers[i].append(node)
+        super().__init__(model)
         self.fresh = FreshNames(model)
 
     def constant(self, name: str) -> np.ndarray | None:
-        if name in self.inits and name not in self.graph_inputs:
-            return numpy_helper.to_array(self.inits[name])
-        node = self.producer.get(name)
-        if node is not None and node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
-            return numpy_helper.to_array(node.attribute[0].t)
-        return None
+        return self.constant_value(name)
 
     def add_initializer(self, base: str, value: np.ndarray) -> str:
         name = self.fresh(base)
         self.graph.initializer.append(numpy_helper.from_array(value, name))
         return name
-
-    def drop_unused_initializers(self) -> None:
-        used = {x for n in self.graph.node for x in n.input} | self.graph_outputs | self.graph_inputs
-        keep = [i for i in self.graph.initializer if i.name in used]
-        if len(keep) != len(self.graph.initializer):
-            del self.graph.initializer[:]
-            self.graph.initializer.extend(keep)
 
 
 def _attr(node: onnx.NodeProto, name: str, default: object = None) -> object:
@@ -181,7 +157,7 @@ def fold_batch_norm(model: onnx.ModelProto) -> onnx.ModelProto:
             log.debug("folded BatchNormalization %r into %s %r", bn.name, producer.op_type, producer.name)
             changed = True
             break
-    _Graph(model).drop_unused_initializers()
+    drop_unused_constants(model.graph)
     return model
 
 
@@ -218,7 +194,7 @@ def fold_add_bias(model: onnx.ModelProto) -> onnx.ModelProto:
                 break
             if changed:
                 break
-    _Graph(model).drop_unused_initializers()
+    drop_unused_constants(model.graph)
     return model
 
 
@@ -273,7 +249,7 @@ def _reshape_follow_batch(model: onnx.ModelProto, fixed: set[int]) -> None:
         new = target.copy()
         new[0] = 0
         node.input[1] = g.add_initializer(f"{node.input[1]}_dynamic_batch", new)
-    g.drop_unused_initializers()
+    drop_unused_constants(model.graph)
 
 
 def optimize_for_esp_dl(model: onnx.ModelProto) -> onnx.ModelProto:
