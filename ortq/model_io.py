@@ -29,7 +29,7 @@ from .external_data import BITS, declared_bytes, external_tensors, location, use
 __all__ = [
     "load_model", "read_model", "LoadedModel", "save_model_atomic", "staged_save", "upgrade_opset",
     "check_output_path", "model_opset", "check_model", "infer_shapes", "session_source", "over_protobuf_limit",
-    "write_with_external_data", "model_size", "PROTOBUF_LIMIT",
+    "write_with_external_data", "write_file_atomic", "model_size", "PROTOBUF_LIMIT",
 ]
 
 log = logging.getLogger(__name__)
@@ -404,6 +404,22 @@ def _umask() -> int:
     except (OSError, ValueError):
         pass
     return 0o022
+
+
+def write_file_atomic(path: str | os.PathLike, data: bytes | str) -> Path:
+    """Write ``data`` beside ``path`` and rename it into place: readers never see half a file, an existing
+    file is replaced only on success, and nothing is left behind on failure. For artifacts, tables, states."""
+    out = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data.encode("utf-8") if isinstance(data, str) else data)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return out
 
 
 def save_model_atomic(

@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -33,6 +32,7 @@ import onnx
 
 from .calibrator import Statistic
 from .errors import CalibrationError
+from .model_io import write_file_atomic
 
 __all__ = ["CalibrationState", "STATE_FORMAT", "STATE_VERSION", "model_fingerprint"]
 
@@ -106,14 +106,7 @@ class CalibrationState:
         out = Path(path)
         if not out.parent.exists():
             raise CalibrationError(f"{out}: output folder {str(out.parent)!r} does not exist")
-        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                json.dump(self.to_dict(), handle, separators=(",", ":"), allow_nan=True)
-            os.replace(tmp, out)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_file_atomic(out, json.dumps(self.to_dict(), separators=(",", ":"), allow_nan=True))
         return out
 
     @classmethod

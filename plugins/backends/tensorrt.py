@@ -68,10 +68,8 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import struct
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
@@ -80,6 +78,7 @@ import onnx
 from onnx import numpy_helper
 
 from ortq import Backend, ConfigError, ModelError, PlanContext, QuantConfig, QuantSpec, QuantType, hookimpl
+from ortq.model_io import write_file_atomic
 from ortq.options import option_bool
 
 if TYPE_CHECKING:
@@ -182,10 +181,10 @@ class TensorRTBackend(Backend):
         for t in sorted(set(amax) - set(text_names)):
             log.warning("tensor %r has a line break in its name; it is left out of the text calibration caches", t)
         written = [
-            _write_atomic(out_dir / TABLE_FLATBUFFERS, trt_table_bytes({t: _float_text(a) for t, a in amax.items()})),
-            _write_atomic(out_dir / TABLE_JSON, _ort_json(amax, result.config.calibrator).encode()),
-            _write_atomic(out_dir / TABLE_TEXT, "".join(f"{t} {_float_text(amax[t])}\n" for t in text_names).encode()),
-            _write_atomic(out_dir / f"{stem}{NATIVE_CACHE_SUFFIX}", self.native_cache(amax, text_names).encode()),
+            write_file_atomic(out_dir / TABLE_FLATBUFFERS, trt_table_bytes({t: _float_text(a) for t, a in amax.items()})),
+            write_file_atomic(out_dir / TABLE_JSON, _ort_json(amax, result.config.calibrator).encode()),
+            write_file_atomic(out_dir / TABLE_TEXT, "".join(f"{t} {_float_text(amax[t])}\n" for t in text_names).encode()),
+            write_file_atomic(out_dir / f"{stem}{NATIVE_CACHE_SUFFIX}", self.native_cache(amax, text_names).encode()),
         ]
         return written
 
@@ -278,17 +277,6 @@ def _ort_json(amax: dict[str, float], calibrator: str) -> str:
     return json.dumps(payload)
 
 
-def _write_atomic(path: Path, data: bytes) -> Path:
-    """Write beside ``path`` and rename into place, so a reader never sees half a table."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def check_explicit_quantization(model: onnx.ModelProto, label: str = "model") -> None:

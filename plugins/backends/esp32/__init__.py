@@ -37,9 +37,10 @@ import numpy as np
 import onnx
 
 from ortq import Backend, ConfigError, ModelError, PlanContext, QuantConfig, QuantSpec, QuantType, hookimpl
+from ortq.model_io import write_file_atomic
 
 from .chips import CHIPS, ChipSpec, chip_spec
-from .codegen import render, report_text, write_atomic
+from .codegen import render, report_text
 from .evaluator import SUPPORTED_OPS, EvaluationStats, evaluate_qdq
 from .optimizer import fold_add_bias, fold_batch_norm, make_batch_dynamic, optimize_for_esp_dl
 from .qdq import QdqGraph, c_identifier
@@ -154,7 +155,7 @@ class Esp32Backend(Backend):
         report = report_text(graph, name, [p.name for p in paths])
         paths.append(out_dir / f"{name}_coefficient_report.md")
         for path, text in zip(paths, (hpp, cpp, report)):
-            write_atomic(path, text)
+            write_file_atomic(path, text)
         for layer in graph.layers().values():
             if layer.bias_clipped:
                 log.warning(
@@ -216,7 +217,7 @@ class Esp32Backend(Backend):
         if saturated:
             lines += ["", "Saturated requantizations: " + ", ".join(f"{t}: {n}" for t, n in saturated.items())]
         path = Path(out_dir) / f"{name}_evaluation.md"
-        write_atomic(path, "\n".join(lines) + "\n")
+        write_file_atomic(path, "\n".join(lines) + "\n")
         return path
 
 

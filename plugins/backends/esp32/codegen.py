@@ -34,8 +34,6 @@ Files are written atomically (a temporary file in the same folder, then ``os.rep
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -43,7 +41,7 @@ import numpy as np
 from .chips import ChipSpec
 from .qdq import Layer, QdqGraph, c_identifier
 
-__all__ = ["filter_layout", "filter_unlayout", "layer_filter", "render", "write_atomic", "report_text"]
+__all__ = ["filter_layout", "filter_unlayout", "layer_filter", "render", "report_text"]
 
 _PER_LINE = 24
 
@@ -260,18 +258,3 @@ def report_text(graph: QdqGraph, name: str, files: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_atomic(path: Path, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    return path
