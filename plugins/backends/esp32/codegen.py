@@ -34,7 +34,6 @@ Files are written atomically (a temporary file in the same folder, then ``os.rep
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 
