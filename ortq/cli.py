@@ -323,6 +323,8 @@ def build_cli(toolkit: Toolkit) -> click.Group:
         click.echo(f"targets: {', '.join(toolkit.backends.names())}")
         click.echo(f"calibrators: {', '.join(toolkit.calibrators.names())}")
 
+    # New built-in commands go above this line, one block each (preprocess, debug, evaluate, ...).
+
     @cli.group()
     def export() -> None:
         """Quantize for a deployment target and write what it needs (one command per target backend)."""
