@@ -28,6 +28,7 @@ __all__ = [
     "matmul_const",
     "gemm",
     "attention_core",
+    "outlier_channel_cnn",
     "run_float",
 ]
 
@@ -223,6 +224,43 @@ def resnet_like(seed: int = 0, n_calibration: int = 64, n_evaluation: int = 64) 
     calib, _ = _class_images(rng, prototypes, n_calibration)
     evaluation, _ = _class_images(rng, prototypes, n_evaluation)
     return model, {"input": calib}, {"input": evaluation}
+
+
+def outlier_channel_cnn(seed: int = 0, outlier: float = 1000.0, n: int = 32) -> Built:
+    """Five Conv+Relu layers and a Gemm head; layer 3 is quantization-hostile on purpose.
+
+    Output channel 0 of ``conv_3`` is ``outlier`` times larger than the others and ``conv_4`` divides its
+    input channel 0 by the same factor, so the float model is ordinary while a per-tensor activation scale on
+    ``conv_3``'s output leaves the other seven channels almost no levels. Tools that rank quantization
+    damage must point at that tensor (``relu_3_out``, as the Relu is fused into the Conv).
+    """
+    rng = np.random.default_rng(seed)
+    nodes: list[onnx.NodeProto] = []
+    inits: list[TensorProto] = []
+    x, c_in = "input", 3
+    for i in range(1, 6):
+        w = _conv_weight(rng, 8, c_in, 3)
+        if i == 3:
+            w[0] *= outlier
+        if i == 4:
+            w[:, 0] /= outlier
+        inits += [_init(f"w_{i}", w), _init(f"b_{i}", _bias(rng, 8))]
+        nodes += [
+            helper.make_node("Conv", [x, f"w_{i}", f"b_{i}"], [f"conv_{i}_out"], name=f"conv_{i}", pads=[1] * 4),
+            helper.make_node("Relu", [f"conv_{i}_out"], [f"relu_{i}_out"], name=f"relu_{i}"),
+        ]
+        x, c_in = f"relu_{i}_out", 8
+    inits += [_init("fc_w", (rng.standard_normal((10, 8)) * 0.5).astype(np.float32)), _init("fc_b", _bias(rng, 10))]
+    nodes += [
+        helper.make_node("GlobalAveragePool", [x], ["pooled"], name="gap"),
+        helper.make_node("Flatten", ["pooled"], ["features"], name="flatten"),
+        helper.make_node("Gemm", ["features", "fc_w", "fc_b"], ["logits"], name="fc", transB=1),
+    ]
+    model = _model(
+        nodes, [_image_input(size=16)], [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])],
+        inits, "outlier_channel_cnn",
+    )
+    return model, {"input": smooth_images(rng, n, size=16)}, {"input": smooth_images(rng, n, size=16)}
 
 
 # -- a BERT-style encoder layer -------------------------------------------------------------------------------

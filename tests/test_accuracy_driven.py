@@ -1,0 +1,129 @@
+"""Accuracy-driven quantization: rank the damage by tensor, keep the fewest tensors float to meet a target."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+import ortq
+from ortq.accuracy_driven import AccuracyTarget, quantize_to_target
+from ortq.errors import ConfigError
+from ortq.metrics import sqnr_db
+
+from models import outlier_channel_cnn, resnet_like, run_float
+
+
+def _eval_sqnr(model: onnx.ModelProto, reference: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> float:
+    (expected,) = run_float(reference, feeds)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sqnr_db(expected, session.run(None, feeds)[0])
+
+
+@pytest.fixture(scope="module")
+def hostile() -> tuple[onnx.ModelProto, dict, dict]:
+    return outlier_channel_cnn()
+
+
+def test_hostile_layer_ranked_first_and_kept_float(toolkit: ortq.Toolkit, hostile, tmp_path) -> None:
+    model, calibration, evaluation = hostile
+    plain = toolkit.quantize(model, calibration_data=calibration, verify=False)
+    assert _eval_sqnr(plain.model, model, evaluation) < 10  # the hostile layer ruins plain 8-bit PTQ
+
+    out = tmp_path / "q.onnx"
+    found = quantize_to_target(
+        toolkit, model, out, target=AccuracyTarget("sqnr", min_value=30.0),
+        calibration_data=calibration, eval_data=evaluation,
+    )
+    assert found.met and found.final_value >= 30.0
+    assert found.quantized_value < 10
+    assert found.ranking[0].tensor == "relu_3_out"  # the outlier channel's tensor, nothing downstream of it
+    assert [k.tensor for k in found.kept] == ["relu_3_out"]
+    kept_nodes = set(found.kept[0].nodes)
+    assert {"conv_3", "conv_4"} <= kept_nodes and len(kept_nodes) <= 3
+    # The written model is the chosen one: it meets the target on held-out data and only those nodes are float.
+    written = onnx.load(out)
+    onnx.checker.check_model(written, full_check=True)
+    assert _eval_sqnr(written, model, evaluation) >= 30.0
+    float_ops = {n.name for n in written.graph.node if n.op_type in {"Conv", "Gemm"}}
+    quantized = set(found.result.plan.quantized_nodes)
+    assert kept_nodes.isdisjoint(quantized)
+    assert {"conv_1", "conv_2", "conv_5", "fc"} <= quantized
+    assert float_ops  # the kept Conv nodes are still there, in float
+    # Trials are bounded: one baseline, one per candidate tensor, and a short prefix search.
+    assert found.trials <= 1 + len(found.ranking) + 2 * int(np.ceil(np.log2(len(found.ranking) + 1)))
+    assert "kept float: tensor 'relu_3_out'" in found.summary()
+
+
+def test_target_met_without_trials_keeps_everything_quantized(toolkit: ortq.Toolkit) -> None:
+    model, calibration, evaluation = resnet_like(n_calibration=16, n_evaluation=16)
+    found = quantize_to_target(
+        toolkit, model, target=AccuracyTarget("sqnr", min_value=10.0), calibration_data=calibration,
+        eval_data=evaluation,
+    )
+    assert found.met and found.kept == [] and found.trials == 1
+    assert not any(f.reason.startswith("excluded") for f in found.result.plan.float_nodes if f.op_type == "Conv")
+
+
+def test_max_drop_on_agreement_metric(toolkit: ortq.Toolkit, hostile) -> None:
+    model, calibration, evaluation = hostile
+    found = quantize_to_target(
+        toolkit, model, target=AccuracyTarget("top1", max_drop=0.05), calibration_data=calibration,
+        eval_data=evaluation,
+    )
+    assert found.float_value == 1.0
+    assert found.met and found.final_value >= 0.95 > found.quantized_value
+    assert "relu_3_out" in [k.tensor for k in found.kept]
+
+
+class _LastOutputMetric(ortq.Metric):
+    """Negative max abs error, but 0.0 only for the very outputs of the float model (never for a rebuild)."""
+
+    name = "strict"
+
+    def reset(self) -> None:
+        self.worst = 0.0
+        self.identical = True
+
+    def update(self, reference, candidate, labels=None) -> None:
+        self.identical &= candidate is reference
+        a, b = self.select(reference), self.select(candidate)
+        self.worst = max(self.worst, float(np.max(np.abs(a - b))) + (0.0 if candidate is reference else 1.0))
+
+    def result(self) -> float:
+        return -self.worst
+
+
+class _StrictPlugin:
+    @ortq.hookimpl
+    def ortq_register_metrics(self, register) -> None:
+        register(_LastOutputMetric)
+
+
+def test_unreachable_target_returns_best_model_and_says_so(hostile, caplog) -> None:
+    toolkit = ortq.Toolkit(autoload=False, plugins=[_StrictPlugin()])
+    model, calibration, evaluation = hostile
+    found = quantize_to_target(
+        toolkit, model, target=AccuracyTarget("strict", max_drop=0.5), calibration_data=calibration,
+        eval_data=evaluation,
+    )
+    assert not found.met
+    assert found.float_value == 0.0 and found.final_value > found.quantized_value
+    assert "does not meet" in caplog.text
+
+
+def test_target_needs_exactly_one_bound() -> None:
+    with pytest.raises(ConfigError, match="exactly one"):
+        AccuracyTarget("sqnr")
+    with pytest.raises(ConfigError, match="exactly one"):
+        AccuracyTarget("sqnr", min_value=1.0, max_drop=0.1)
+    with pytest.raises(ConfigError, match="max_drop"):
+        AccuracyTarget("top1", max_drop=-1.0)
+
+
+def test_unknown_metric_is_a_clear_error(toolkit: ortq.Toolkit, hostile) -> None:
+    model, calibration, _ = hostile
+    with pytest.raises(ortq.OrtqError, match="nosuchmetric"):
+        quantize_to_target(toolkit, model, target=AccuracyTarget("nosuchmetric", min_value=1.0),
+                           calibration_data=calibration)
