@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import logging
 import os
+import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping
@@ -29,6 +31,9 @@ __all__ = ["InputSpec", "model_inputs", "iter_batches", "DEFAULT_BATCH_SIZE"]
 log = logging.getLogger(__name__)
 
 DEFAULT_BATCH_SIZE = 16
+#: What numpy raises on a damaged .npy / .npz (a truncated archive is a BadZipFile, a truncated compressed
+#: member a zlib error or EOFError): the file's problem, not ortq's.
+_UNREADABLE = (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error)
 
 
 @dataclass(frozen=True)
@@ -68,10 +73,12 @@ def iter_batches(
     if source is None:
         raise CalibrationDataError("static quantization needs calibration data; none was given")
     raw = _raw_batches(source, inputs, batch_size, image_options)
+    # Errors in a file or folder name it: the batch number alone does not say which data to look at.
+    prefix = f"{source}: " if isinstance(source, (str, os.PathLike)) else ""
     seen = 0
     count = 0
     for count, feed in enumerate(raw):
-        _validate(feed, inputs, count)
+        _validate(feed, inputs, f"{prefix}calibration batch {count}", seen)
         yield feed
         seen += _leading(feed)
         if max_samples is not None and seen >= max_samples:
@@ -164,7 +171,7 @@ def _load_npz(path: Path) -> dict[str, np.ndarray]:
     try:
         with np.load(path, allow_pickle=False) as data:
             return {key: data[key] for key in data.files}
-    except (OSError, ValueError) as exc:
+    except _UNREADABLE as exc:
         raise CalibrationDataError(f"{path}: cannot read as .npz: {exc}") from None
 
 
@@ -239,8 +246,9 @@ def _check_names(feed: Mapping[str, Any], inputs: list[InputSpec], where: str) -
         raise CalibrationDataError(f"{where}: {'; '.join(parts)}; the model's inputs are {sorted(expected)}")
 
 
-def _validate(feed: dict[str, np.ndarray], inputs: list[InputSpec], index: int) -> None:
-    where = f"calibration batch {index}"
+def _validate(feed: dict[str, np.ndarray], inputs: list[InputSpec], where: str, first_sample: int) -> None:
+    """Check one batch; ``first_sample`` is the index of its first sample in the whole data, so a bad value
+    can be traced to the sample that holds it."""
     _check_names(feed, inputs, where)
     for spec in inputs:
         value = feed[spec.name]
@@ -263,8 +271,13 @@ def _validate(feed: dict[str, np.ndarray], inputs: list[InputSpec], index: int) 
                         f"(axis {axis})"
                     )
         if value.dtype.kind == "f" and value.size and not np.all(np.isfinite(value)):
-            bad = int(np.count_nonzero(~np.isfinite(value)))
-            raise CalibrationDataError(f"{where}: input {spec.name!r} contains {bad} NaN or Inf value(s)")
+            finite = np.isfinite(value)
+            bad = int(value.size - np.count_nonzero(finite))
+            at = ""
+            if value.ndim:  # axis 0 is the batch
+                row = int(np.argmin(finite.reshape(len(value), -1).all(axis=1)))
+                at = f" (first in sample {first_sample + row})"
+            raise CalibrationDataError(f"{where}: input {spec.name!r} contains {bad} NaN or Inf value(s){at}")
 
 
 def _fmt(shape: tuple[int | None, ...]) -> str:
@@ -283,8 +296,8 @@ def count_samples(source: Any, max_samples: int | None = None) -> int | None:
             npy = list(path.glob("*.npy"))
             if npy and not npz:
                 total = int(np.load(npy[0], mmap_mode="r", allow_pickle=False).shape[0])
-    except (TypeError, OSError, ValueError, IndexError):
-        return None
+    except (TypeError, IndexError, *_UNREADABLE):
+        return None  # the reader proper reports unreadable data
     if total is not None and max_samples is not None:
         total = min(total, max_samples)
     return total
@@ -292,8 +305,6 @@ def count_samples(source: Any, max_samples: int | None = None) -> int | None:
 
 def _npz_leading_dim(path: Path) -> int:
     """Axis 0 of the first array in a .npz, from its header only: the progress bar must not load the data."""
-    import zipfile
-
     with zipfile.ZipFile(path) as archive:
         names = [n for n in archive.namelist() if n.endswith(".npy")]
         if not names:
