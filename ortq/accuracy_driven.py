@@ -364,6 +364,9 @@ def _evaluation_set(
     model: onnx.ModelProto, data: Any, labels: Any, batch_size: int | None, max_samples: int | None,
     image_options: Any, providers: Sequence[Any] | None,
 ) -> tuple[list[dict[str, np.ndarray]], list[dict[str, np.ndarray]], list[np.ndarray | None]]:
+    from .evaluate import _resolve_labels
+
+    all_labels, data = _resolve_labels(labels, data)  # labels may be a file, an array, or an array in the data
     feeds = list(iter_batches(data, model_inputs(model), batch_size, max_samples, image_options))
     if not feeds:
         raise ConfigError("the evaluation data has no samples")
@@ -372,10 +375,7 @@ def _evaluation_set(
     reference = [dict(zip(names, session.run(names, feed))) for feed in feeds]
     del session
     label_batches: list[np.ndarray | None] = [None] * len(feeds)
-    if labels is not None:
-        from .evaluate import load_labels
-
-        all_labels = load_labels(labels)
+    if all_labels is not None:
         sizes = [len(next(iter(f.values()))) for f in feeds]
         if len(all_labels) < sum(sizes):
             raise ConfigError(f"{len(all_labels)} label(s) for {sum(sizes)} evaluation sample(s)")
