@@ -239,9 +239,9 @@ def _write_all(fd: int, data: bytes | memoryview, offset: int) -> None:
         view, offset = view[n:], offset + n
 
 
-def _copy_fields(dst, src, skip: str) -> None:  # noqa: ANN001
+def _copy_fields(dst, src, *skip: str) -> None:  # noqa: ANN001
     for fd, value in src.ListFields():
-        if fd.name == skip:
+        if fd.name in skip:
             continue
         if fd.is_repeated:
             getattr(dst, fd.name).extend(value)
@@ -251,52 +251,107 @@ def _copy_fields(dst, src, skip: str) -> None:  # noqa: ANN001
             setattr(dst, fd.name, value)
 
 
-def _skeleton(
-    model: onnx.ModelProto, min_bytes: int, data_fd: int | None = None, location: str = _STRIPPED
-) -> tuple[onnx.ModelProto, int]:
-    """A new ModelProto sharing nothing with ``model`` in which the graph's initializers of ``min_bytes`` or
-    more are external references: into the file open as ``data_fd`` (their bytes are written there, one
-    tensor at a time), or to a placeholder when ``data_fd`` is None (for shape inference).
+_HOLDS_TENSORS = frozenset({
+    onnx.AttributeProto.TENSOR, onnx.AttributeProto.TENSORS, onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS,
+})
 
-    ``model`` is not modified: with the upb protobuf runtime, clearing and restoring a tensor's bytes would
-    leave the old bytes allocated in the message's arena, doubling the weights' memory for its lifetime.
-    Tensors inside node attributes and subgraphs stay inline. Returns the skeleton and the bytes left out.
-    """
-    from onnx import numpy_helper
 
-    skeleton = onnx.ModelProto()
-    _copy_fields(skeleton, model, "graph")
-    _copy_fields(skeleton.graph, model.graph, "initializer")
-    offset = stripped = 0
-    for tensor in model.graph.initializer:
+class _Externalizer:
+    """Copies tensors into a skeleton, turning those of ``min_bytes`` or more into external references: into
+    the file open as ``data_fd`` (their bytes written there one tensor at a time, at aligned offsets), or to a
+    placeholder location when ``data_fd`` is None (for shape inference and size estimates)."""
+
+    def __init__(self, min_bytes: int, data_fd: int | None, location: str) -> None:
+        self.min_bytes, self.data_fd, self.location = min_bytes, data_fd, location
+        self.offset = 0
+        self.stripped = 0
+
+    def tensor(self, dst: TensorProto, tensor: TensorProto) -> None:
+        from onnx import numpy_helper
+
         inline = (
-            _data_bytes(tensor) < min_bytes
+            _data_bytes(tensor) < self.min_bytes
             or tensor.data_type == TensorProto.STRING
             or uses_external(tensor)
             or (not tensor.HasField("raw_data") and BITS.get(tensor.data_type, 8) < 8)
         )
         if inline:
-            skeleton.graph.initializer.add().CopyFrom(tensor)
-            continue
-        ref = skeleton.graph.initializer.add()
-        ref.name, ref.data_type = tensor.name, tensor.data_type
-        ref.dims.extend(tensor.dims)
+            dst.CopyFrom(tensor)
+            return
+        dst.name, dst.data_type = tensor.name, tensor.data_type
+        dst.dims.extend(tensor.dims)
         if tensor.doc_string:
-            ref.doc_string = tensor.doc_string
-        ref.data_location = TensorProto.EXTERNAL
-        entries = [("location", location)]
-        stripped += _data_bytes(tensor)
-        if data_fd is not None:
+            dst.doc_string = tensor.doc_string
+        dst.data_location = TensorProto.EXTERNAL
+        entries = [("location", self.location)]
+        self.stripped += _data_bytes(tensor)
+        if self.data_fd is not None:
             raw = tensor.raw_data if tensor.HasField("raw_data") else numpy_helper.to_array(tensor).tobytes()
-            offset = -(-offset // _ALIGN) * _ALIGN
-            _write_all(data_fd, raw, offset)
-            entries += [("offset", str(offset)), ("length", str(len(raw)))]
-            offset += len(raw)
+            self.offset = -(-self.offset // _ALIGN) * _ALIGN
+            _write_all(self.data_fd, raw, self.offset)
+            entries += [("offset", str(self.offset)), ("length", str(len(raw)))]
+            self.offset += len(raw)
             del raw
         for key, value in entries:
-            entry = ref.external_data.add()
+            entry = dst.external_data.add()
             entry.key, entry.value = key, value
-    return skeleton, stripped
+
+    def graph(self, dst: onnx.GraphProto, graph: onnx.GraphProto) -> None:
+        _copy_fields(dst, graph, "initializer", "node")
+        for tensor in graph.initializer:
+            self.tensor(dst.initializer.add(), tensor)
+        self.nodes(dst.node, graph.node)
+
+    def nodes(self, dst, nodes) -> None:  # noqa: ANN001 - repeated NodeProto fields
+        """Constant values and other tensor attributes, and subgraphs (If/Loop/Scan bodies), are tensors too."""
+        for node in nodes:
+            new = dst.add()
+            if not any(a.type in _HOLDS_TENSORS for a in node.attribute):
+                new.CopyFrom(node)
+                continue
+            _copy_fields(new, node, "attribute")
+            for attr in node.attribute:
+                copy = new.attribute.add()
+                if attr.type == onnx.AttributeProto.TENSOR:
+                    _copy_fields(copy, attr, "t")
+                    self.tensor(copy.t, attr.t)
+                elif attr.type == onnx.AttributeProto.TENSORS:
+                    _copy_fields(copy, attr, "tensors")
+                    for tensor in attr.tensors:
+                        self.tensor(copy.tensors.add(), tensor)
+                elif attr.type == onnx.AttributeProto.GRAPH:
+                    _copy_fields(copy, attr, "g")
+                    self.graph(copy.g, attr.g)
+                elif attr.type == onnx.AttributeProto.GRAPHS:
+                    _copy_fields(copy, attr, "graphs")
+                    for sub in attr.graphs:
+                        self.graph(copy.graphs.add(), sub)
+                else:
+                    copy.CopyFrom(attr)
+
+
+def _skeleton(
+    model: onnx.ModelProto, min_bytes: int, data_fd: int | None = None, location: str = _STRIPPED
+) -> tuple[onnx.ModelProto, int]:
+    """A new ModelProto sharing nothing with ``model`` in which every tensor of ``min_bytes`` or more is an
+    external reference (see :class:`_Externalizer`): initializers, and, as onnx's
+    ``convert_model_to_external_data(..., convert_attribute=True)`` does, tensors in node attributes
+    (``Constant`` values), subgraphs and functions, so that large constants wherever they are can neither
+    push the model file over the protobuf limit nor be parsed again by shape inference.
+
+    ``model`` is not modified: with the upb protobuf runtime, clearing and restoring a tensor's bytes would
+    leave the old bytes allocated in the message's arena, doubling the weights' memory for its lifetime.
+    Returns the skeleton and the bytes left out.
+    """
+    externalizer = _Externalizer(min_bytes, data_fd, location)
+    skeleton = onnx.ModelProto()
+    _copy_fields(skeleton, model, "graph", "functions")
+    externalizer.graph(skeleton.graph, model.graph)
+    for function in model.functions:
+        copy = skeleton.functions.add()
+        _copy_fields(copy, function, "node")
+        externalizer.nodes(copy.node, function.node)
+    return skeleton, externalizer.stripped
 
 
 def _data_bytes(tensor: TensorProto) -> int:
