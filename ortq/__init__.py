@@ -31,6 +31,7 @@ from .hookspecs import hookimpl
 from .op_quantizer import Activation, Bias, LeaveFloat, NodePlan, OpQuantizer, PlanContext, SameAs, Weight
 from .scheme import QuantParams, QuantSpec, QuantType
 from .images import ImageOptions
+from .metric import Metric
 from .state import CalibrationState
 from .toolkit import Toolkit
 
@@ -58,6 +59,10 @@ __all__ = [
     "Statistic",
     "MinMaxStatistic",
     "Backend",
+    "Metric",
+    "evaluate",
+    "EvaluationReport",
+    "MetricResult",
     "CalibrationState",
     "ImageOptions",
     "QuantConfig",
@@ -80,3 +85,5 @@ def quantize(model: Any, output: Any = None, **options: Any):  # noqa: ANN201 - 
 
 
 from .compat import CalibrationDataReader, CalibrationMethod, QuantFormat, quantize_dynamic, quantize_static  # noqa: E402
+# Bound after the submodule import so ``ortq.evaluate`` is the function (the module stays importable by name).
+from .evaluate import EvaluationReport, MetricResult, evaluate  # noqa: E402

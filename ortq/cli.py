@@ -322,6 +322,125 @@ def build_cli(toolkit: Toolkit) -> click.Group:
                 click.echo(f"  hooks: {', '.join(info.hooks)}")
         click.echo(f"targets: {', '.join(toolkit.backends.names())}")
         click.echo(f"calibrators: {', '.join(toolkit.calibrators.names())}")
+        click.echo(f"metrics: {', '.join(toolkit.metrics.names())}")
+
+    @cli.command()
+    @click.argument("float_model", type=click.Path(dir_okay=False, path_type=Path))
+    @click.argument("quantized_model", type=click.Path(dir_okay=False, path_type=Path))
+    @click.option("-d", "--data", required=True, type=click.Path(path_type=Path),
+                  help="Evaluation data: .npz, or a folder as for --calibration-data.")
+    @click.option("--labels", default=None, metavar="FILE|NAME",
+                  help="Labels: a .npy/.npz file, or the name of an array in the data .npz (e.g. label).")
+    @click.option("--metric", "metric_specs", multiple=True, metavar="NAME[:KEY=VALUE,...]",
+                  help="Metric to report (see `ortq plugins`); repeatable. Default: top1, cosine, sqnr (+ accuracy with labels).")
+    @click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False, path_type=Path),
+                  help="Also write the report as JSON to this file ('-': stdout, instead of the table).")
+    @click.option("--batch-size", type=click.IntRange(min=1), default=None)
+    @click.option("--max-samples", type=click.IntRange(min=1), default=None)
+    @click.option("--latency-runs", type=click.IntRange(min=0), default=None,
+                  help="Timed batch-1 runs per model, interleaved (0: skip latency).")
+    @click.option("--provider", multiple=True, metavar="NAME", help="ONNX Runtime execution provider; repeatable.")
+    @click.option("--intra-op-threads", type=click.IntRange(min=0), default=1, show_default=True)
+    @_image_flags
+    def evaluate(float_model: Path, quantized_model: Path, data: Path, labels: str | None, metric_specs: tuple[str, ...],
+                 json_path: Path | None, batch_size: int | None, max_samples: int | None, latency_runs: int | None,
+                 provider: tuple[str, ...], intra_op_threads: int, **image_flags: Any) -> None:
+        """Compare QUANTIZED_MODEL with FLOAT_MODEL on evaluation data: metrics, sizes, latency."""
+        import json
+
+        from .evaluate import DEFAULT_LATENCY_RUNS
+        from .model_io import write_file_atomic
+
+        report = toolkit.evaluate(
+            float_model, quantized_model, data, labels=labels, metrics=list(metric_specs) or None,
+            batch_size=batch_size, max_samples=max_samples, providers=list(provider) or None,
+            latency_runs=DEFAULT_LATENCY_RUNS if latency_runs is None else latency_runs,
+            intra_op_threads=intra_op_threads, image_options=_make_image_options(**image_flags),
+        )
+        text = json.dumps(report.to_dict(), indent=2, allow_nan=False)
+        if str(json_path) == "-":
+            click.echo(text)
+            return
+        click.echo(report.table())
+        if json_path is not None:
+            write_file_atomic(json_path, text + "\n")
+            click.echo(f"wrote {json_path}")
+
+    @cli.command()
+    @click.argument("float_model", type=click.Path(dir_okay=False, path_type=Path))
+    @click.argument("quantized_model", type=click.Path(dir_okay=False, path_type=Path))
+    @click.option("-d", "--data", required=True, type=click.Path(path_type=Path),
+                  help="Inputs for both models (.npz or a folder, as for --calibration-data).")
+    @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                  help="Write every tensor as JSON (ortq/schemas/debug-report.schema.json).")
+    @click.option("--html", "html_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                  help="Write a self-contained HTML report (per-layer plot with the 'report' extra).")
+    @click.option("--top", type=click.IntRange(min=0), default=20, show_default=True, help="Rows to print (0: all).")
+    @click.option("--sort", type=click.Choice(["injected", "sqnr", "channel-sqnr", "cosine", "max-error", "order"]),
+                  default="injected", show_default=True,
+                  help="injected: noise each tensor's own quantizer adds (finds the cause); sqnr: accumulated error.")
+    @click.option("--batch-size", type=click.IntRange(min=1), default=None)
+    @click.option("--max-samples", type=click.IntRange(min=1), default=None, help="Samples to compare (default 128).")
+    @click.option("--provider", multiple=True, metavar="NAME", help="ONNX Runtime execution provider; repeatable.")
+    def debug(float_model: Path, quantized_model: Path, data: Path, json_path: Path | None, html_path: Path | None,
+              top: int, sort: str, batch_size: int | None, max_samples: int | None, provider: tuple[str, ...]) -> None:
+        """Compare QUANTIZED_MODEL with FLOAT_MODEL tensor by tensor and rank where the error comes from."""
+        from .debug import DEFAULT_MAX_SAMPLES, debug_models
+        from .model_io import write_file_atomic
+
+        report = debug_models(float_model, quantized_model, data, batch_size=batch_size,
+                              max_samples=max_samples or DEFAULT_MAX_SAMPLES, providers=list(provider) or None)
+        click.echo(report.table(top=top or None, sort=sort))
+        for path, text in ((json_path, report.to_json(sort) if json_path else ""),
+                           (html_path, report.to_html(sort) if html_path else "")):
+            if path is not None:
+                write_file_atomic(path, text + "\n")
+                click.echo(f"wrote {path}")
+
+    @cli.command()
+    @click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+    @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Model to write.")
+    @click.option("--opset", type=click.IntRange(min=13), default=None, help="Upgrade to this opset (default: at least 13).")
+    @click.option("--dynamic-batch/--keep-batch", default=False, show_default=True, help="Make axis 0 of inputs and outputs symbolic.")
+    @click.option("--shape-inference/--no-shape-inference", default=True, show_default=True)
+    @click.option("--symbolic/--no-symbolic", default=True, show_default=True,
+                  help="ONNX Runtime's symbolic shape inference where ONNX's leaves shapes unknown (needs sympy).")
+    @click.option("--fold-constants/--no-fold-constants", default=True, show_default=True)
+    @click.option("--fold-batch-norm/--no-fold-batch-norm", default=True, show_default=True)
+    @click.option("--fold-add-bias/--no-fold-add-bias", default=True, show_default=True)
+    @click.option("--ort-level", type=click.Choice(["none", "basic", "extended", "all"]), default="none", show_default=True,
+                  help="ONNX Runtime graph optimizations; extended/all are refused (they fuse into ops quantizers cannot plan).")
+    def preprocess(model: Path, output: Path, opset: int | None, dynamic_batch: bool, shape_inference: bool, symbolic: bool,
+                   fold_constants: bool, fold_batch_norm: bool, fold_add_bias: bool, ort_level: str) -> None:
+        """Prepare MODEL for quantization: opset, shapes, constant and BatchNormalization folding."""
+        from .preprocess import preprocess as run_preprocess
+
+        result = run_preprocess(
+            model, output, opset=opset, dynamic_batch=dynamic_batch, shape_inference=shape_inference, symbolic=symbolic,
+            fold_constants=fold_constants, fold_batch_norm=fold_batch_norm, fold_add_bias=fold_add_bias, ort_level=ort_level,
+        )
+        click.echo(result.summary())
+        click.echo(f"wrote {result.output}")
+
+    @cli.command()
+    @click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+    @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Completed model to write.")
+    @click.option("--format", "quant_format", type=click.Choice(["qdq", "qoperator"]), default="qdq", show_default=True)
+    @click.option("-d", "--data", "verify_data", type=click.Path(path_type=Path), default=None,
+                  help="Inputs (same forms as --calibration-data) to compare the output with the input model on.")
+    @click.option("--keep-float-weights", is_flag=True,
+                  help="Leave float weights float instead of quantizing them int8 per channel.")
+    @click.option("--batch-size", type=click.IntRange(min=1), default=None)
+    @click.option("--max-samples", type=click.IntRange(min=1), default=64, show_default=True)
+    def qat(model: Path, output: Path, quant_format: str, verify_data: Path | None, keep_float_weights: bool,
+            batch_size: int | None, max_samples: int) -> None:
+        """Check and complete an already quantized (quantization-aware-trained) MODEL without re-quantizing it."""
+        result = toolkit.quantize_qat(
+            model, output, quant_format=quant_format, verify_data=verify_data,
+            quantize_weights=not keep_float_weights, batch_size=batch_size, max_samples=max_samples,
+        )
+        click.echo(result.summary())
+        click.echo(f"wrote {result.output}")
 
     # New built-in commands go above this line, one block each (preprocess, debug, evaluate, ...).
 

@@ -55,6 +55,16 @@ def ortq_register_backends(register: Register) -> None:
 
 
 @hookspec
+def ortq_register_metrics(register: Register) -> None:
+    """Add metrics: streaming scores that ``ortq evaluate`` reports for the float and the quantized model.
+
+    Call ``register(cls, replace=False)`` for each :class:`ortq.Metric` subclass; its lowercase ``name`` is
+    what users pass as ``--metric``/``metrics=``. The accuracy-driven quantization scores trial models
+    with the same classes. Since 0.2.
+    """
+
+
+@hookspec
 def ortq_register_commands(cli: "click.Group") -> None:
     """Add commands to the ``ortq`` command line: ``cli.command()`` / ``cli.add_command(...)``.
 

@@ -22,6 +22,8 @@ from .registry import Registry
 if TYPE_CHECKING:
     from .backend import Backend
     from .calibrator import Calibrator, Statistic
+    from .evaluate import EvaluationReport
+    from .metric import Metric
     from .op_quantizer import OpQuantizer
 
 __all__ = ["Toolkit", "PluginInfo", "BUILTIN_PLUGINS", "ENTRY_POINT_GROUP"]
@@ -46,6 +48,9 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "ortq.plugins.backends.cpu",
     "ortq.plugins.backends.esp32",
     "ortq.plugins.backends.tensorrt",
+    "ortq.plugins.metrics.agreement",
+    "ortq.plugins.metrics.labels",
+    "ortq.plugins.metrics.similarity",
 )
 
 OnError = Literal["raise", "skip"]
@@ -54,6 +59,7 @@ _REGISTRATION_HOOKS = {
     "ortq_register_op_quantizers": "op_quantizers",
     "ortq_register_calibrators": "calibrators",
     "ortq_register_backends": "backends",
+    "ortq_register_metrics": "metrics",
 }
 
 
@@ -92,6 +98,7 @@ class Toolkit:
         self.op_quantizers: Registry[type[OpQuantizer]] = Registry("op quantizer")
         self.calibrators: Registry[type[Calibrator]] = Registry("calibrator")
         self.backends: Registry[type[Backend]] = Registry("backend")
+        self.metrics: Registry[type[Metric]] = Registry("metric")
         self.plugin_info: dict[str, PluginInfo] = {}
         if builtins:
             for module_name in BUILTIN_PLUGINS:
@@ -125,7 +132,7 @@ class Toolkit:
         try:
             self._collect(plugin, info, prefix)
         except Exception as exc:
-            for registry in (self.op_quantizers, self.calibrators, self.backends):
+            for registry in (self.op_quantizers, self.calibrators, self.backends, self.metrics):
                 registry.remove_plugin(name)
             self.pm.unregister(plugin)
             return self._plugin_failed(info, str(exc) if isinstance(exc, PluginError) else f"{prefix}: {exc!r}", exc)
@@ -194,6 +201,14 @@ class Toolkit:
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"backend {name!r}: bad options {sorted(options)}: {exc}") from None
 
+    def metric(self, name: str, **options: Any) -> Metric:
+        """A fresh :class:`ortq.Metric` by registered name; ``output=`` picks the model output it scores."""
+        cls = self.metrics.get(_normalize(name))
+        try:
+            return cls(**options)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"metric {name!r}: bad options {sorted(options)}: {exc}") from None
+
     def plugin_of(self, registry: Registry[Any], key: str) -> str:
         return registry.entry(key).plugin
 
@@ -215,6 +230,12 @@ class Toolkit:
         from .pipeline import calibrate
 
         return calibrate(self, model, calibration_data, **options)
+
+    def evaluate(self, float_model: Any, quantized_model: Any, data: Any, **options: Any) -> EvaluationReport:
+        """Score both models on ``data`` with metric plugins; see :func:`ortq.evaluate.evaluate`."""
+        from .evaluate import evaluate
+
+        return evaluate(self, float_model, quantized_model, data, **options)
 
     def statistic_types(self) -> list[type[Statistic]]:
         """Statistic classes that registered calibrators can reduce (what a saved state may contain)."""
