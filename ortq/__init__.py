@@ -43,6 +43,7 @@ __all__ = [
     "quantize",
     "quantize_static",
     "quantize_dynamic",
+    "quantize_qat",
     "QuantFormat",
     "CalibrationMethod",
     "CalibrationDataReader",
@@ -82,6 +83,11 @@ __all__ = [
 def quantize(model: Any, output: Any = None, **options: Any):  # noqa: ANN201 - QuantizationResult
     """Quantize with a fresh :class:`Toolkit` (built-ins plus installed plugins); see ``Toolkit.quantize``."""
     return Toolkit().quantize(model, output, **options)
+
+
+def quantize_qat(model: Any, output: Any = None, **options: Any):  # noqa: ANN201 - QatResult
+    """Check and complete an already quantized (QAT) model with a fresh :class:`Toolkit`; see ``ortq.qat``."""
+    return Toolkit().quantize_qat(model, output, **options)
 
 
 from .compat import CalibrationDataReader, CalibrationMethod, QuantFormat, quantize_dynamic, quantize_static  # noqa: E402

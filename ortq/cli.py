@@ -172,6 +172,9 @@ def build_cli(toolkit: Toolkit) -> click.Group:
     @click.option("--extreme-range", type=float, default=None, help="Keep float any tensor whose |range| exceeds this.")
     @click.option("--verify/--no-verify", default=True, show_default=True, help="Compare with the float model on calibration samples.")
     @click.option("--backend-option", multiple=True, metavar="KEY=VALUE", help="Option for the target backend; repeatable.")
+    @click.option("--tensor-overrides", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                  help="JSON file of per-tensor overrides in ONNX Runtime's TensorQuantOverrides format (quant_type, "
+                       "scale + zero_point, symmetric, reduce_range, rmin, rmax, axis).")
     @_session_options
     @_image_flags
     @click.pass_context
@@ -184,6 +187,9 @@ def build_cli(toolkit: Toolkit) -> click.Group:
                  intra_op_threads: int | None, **image_flags: Any) -> None:
         """Quantize MODEL: statically to QDQ form (from calibration data or a saved calibration state), or
         dynamically (--mode dynamic) to ONNX Runtime's DynamicQuantizeMatMul without calibration."""
+        tensor_overrides = image_flags.pop("tensor_overrides")
+        if tensor_overrides is not None and mode == "dynamic":
+            raise click.UsageError("--tensor-overrides applies to static quantization")
         if mode == "dynamic":
             if target != "cpu":
                 raise click.UsageError("--mode dynamic targets ONNX Runtime's CPU provider only (--target cpu)")
@@ -199,7 +205,9 @@ def build_cli(toolkit: Toolkit) -> click.Group:
             click.echo(result.summary())
             click.echo(f"wrote {result.output}")
             return
-        if (calibration_data is None) == (calibration_state is None):
+        if (calibration_data is None) == (calibration_state is None) and not (
+            tensor_overrides is not None and calibration_data is None  # given parameters may need no data
+        ):
             raise click.UsageError("give exactly one of --calibration-data and --calibration-state")
         with _progress(calibration_data, max_samples) as bar:
             result = toolkit.quantize(
@@ -212,6 +220,7 @@ def build_cli(toolkit: Toolkit) -> click.Group:
                 weight_symmetric=weight_symmetric, reduce_range=reduce_range, op_types_to_quantize=_csv(op_types),
                 nodes_to_quantize=_csv(nodes_to_quantize), nodes_to_exclude=_csv(nodes_to_exclude), batch_size=batch_size,
                 max_samples=max_samples, extreme_range=extreme_range, verify=verify, progress=bar.update,
+                tensor_overrides=tensor_overrides,
             )
         click.echo(result.summary())
         click.echo(f"wrote {result.output}")
@@ -365,6 +374,26 @@ def build_cli(toolkit: Toolkit) -> click.Group:
         if json_path is not None:
             write_file_atomic(json_path, text + "\n")
             click.echo(f"wrote {json_path}")
+
+    @cli.command()
+    @click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+    @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Completed model to write.")
+    @click.option("--format", "quant_format", type=click.Choice(["qdq", "qoperator"]), default="qdq", show_default=True)
+    @click.option("-d", "--data", "verify_data", type=click.Path(path_type=Path), default=None,
+                  help="Inputs (same forms as --calibration-data) to compare the output with the input model on.")
+    @click.option("--keep-float-weights", is_flag=True,
+                  help="Leave float weights float instead of quantizing them int8 per channel.")
+    @click.option("--batch-size", type=click.IntRange(min=1), default=None)
+    @click.option("--max-samples", type=click.IntRange(min=1), default=64, show_default=True)
+    def qat(model: Path, output: Path, quant_format: str, verify_data: Path | None, keep_float_weights: bool,
+            batch_size: int | None, max_samples: int) -> None:
+        """Check and complete an already quantized (quantization-aware-trained) MODEL without re-quantizing it."""
+        result = toolkit.quantize_qat(
+            model, output, quant_format=quant_format, verify_data=verify_data,
+            quantize_weights=not keep_float_weights, batch_size=batch_size, max_samples=max_samples,
+        )
+        click.echo(result.summary())
+        click.echo(f"wrote {result.output}")
 
     # New built-in commands go above this line, one block each (preprocess, debug, evaluate, ...).
 

@@ -68,6 +68,8 @@ SUPPORTED_EXTRA_OPTIONS = {
     "CalibNumQuantizedBins": "calibrator:num_quantized_bins",
     # ortq always streams statistics, so ONNX Runtime's memory knob has nothing to do.
     "CalibMaxIntermediateOutputs": None,
+    # ONNX Runtime's own per-tensor format (see ortq.tensor_overrides).
+    "TensorQuantOverrides": "tensor_overrides",
 }
 # Options whose only supported value is ONNX Runtime's default.
 _DEFAULT_ONLY = {"DedicatedQDQPair": False, "UseQDQContribOps": False, "EnableSubgraph": False, "ForceQuantizeNoInputCheck": False}

@@ -9,7 +9,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -26,6 +26,8 @@ from .planner import FloatNode, QuantPlan, make_plan
 from .rewrite_dynamic import DEFAULT_DYNAMIC_OP_TYPES, DYNAMIC_OP_TYPES, rewrite_dynamic
 from .rewrite_qdq import rewrite_qdq
 from .state import CalibrationState, model_fingerprint
+from .tensor_overrides import TensorOverrides
+from .qat import refuse_quantized
 from .scheme import QuantParams, QuantSpec, QuantType
 from .verify import LOW_SQNR_DB, VerificationReport, verify_model
 
@@ -139,7 +141,8 @@ class _Prepared:
 
 
 def _prepare(
-    toolkit: Toolkit, model: Any, target: str, overrides: dict[str, Any], *, fingerprint: bool = False
+    toolkit: Toolkit, model: Any, target: str, overrides: dict[str, Any], *, fingerprint: bool = False,
+    min_opset: int = 0,
 ) -> _Prepared:
     unknown = set(overrides) - _OVERRIDES
     if unknown:
@@ -154,7 +157,7 @@ def _prepare(
     digest = model_fingerprint(proto) if fingerprint else None
     listed_initializers = proto.ir_version < 4
     # Float16 tensors need opset 19, where QuantizeLinear/DequantizeLinear accept float16 scales.
-    required = max(MIN_QDQ_OPSET, config.required_opset, 19 if uses_float16(proto) else 0)
+    required = max(MIN_QDQ_OPSET, config.required_opset, 19 if uses_float16(proto) else 0, min_opset)
     proto = upgrade_opset(proto, required, label)
     if listed_initializers:  # after the upgrade: the version converter still wants the IR-3 listing
         _drop_initializers_from_inputs(proto)
@@ -243,7 +246,7 @@ def calibrate(
 
 
 def _state_statistics(
-    toolkit: Toolkit, state: CalibrationState | str | Path, p: _Prepared, plan: QuantPlan
+    toolkit: Toolkit, state: CalibrationState | str | Path, p: _Prepared, observed: list[str]
 ) -> CalibrationState:
     if not isinstance(state, CalibrationState):
         state = CalibrationState.load(state, toolkit.statistic_types())
@@ -251,7 +254,7 @@ def _state_statistics(
         raise CalibrationError(
             f"{p.label}: the calibration state was computed for a different model (its fingerprint differs)"
         )
-    missing = [t for t in plan.observed_tensors() if t not in state.statistics]
+    missing = [t for t in observed if t not in state.statistics]
     if missing:
         more = f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""
         raise CalibrationError(
@@ -277,6 +280,7 @@ def quantize(
     progress: Callable[[int], None] | None = None,
     verify: bool = True,
     verify_samples: int = 64,
+    tensor_overrides: Mapping[str, Any] | str | Path | None = None,
     **overrides: Any,
 ) -> QuantizationResult:
     """Statically quantize ``model`` to the QDQ format for ``target`` and optionally write it to ``output``.
@@ -291,14 +295,22 @@ def quantize(
     ``per_channel``, ``reduce_range``, ``quantize_bias``, ``op_types_to_quantize``, ``nodes_to_quantize``,
     ``nodes_to_exclude``, ``calibrate_method``, ``calibrator_options``, ``extreme_range``, ...) default to
     what the target backend prefers. The input model is never modified; the output is written atomically.
+
+    ``tensor_overrides`` (a dict in ONNX Runtime's ``TensorQuantOverrides`` format, or a JSON file) gives
+    per-tensor types, ranges, or exact scales and zero points; see :mod:`ortq.tensor_overrides`. A model
+    that already holds QuantizeLinear/DequantizeLinear is refused: see :func:`ortq.qat.quantize_qat`.
     """
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     if calibration_state is not None and calibration_data is not None:
         raise ConfigError("give calibration_data or calibration_state, not both")
     out = check_output_path(output) if output is not None else None
-    p = _prepare(toolkit, model, target, overrides, fingerprint=calibration_state is not None)
+    given = TensorOverrides.load(tensor_overrides)
+    p = _prepare(
+        toolkit, model, target, overrides, fingerprint=calibration_state is not None, min_opset=given.required_opset
+    )
     backend, config, proto, label = p.backend, p.config, p.model, p.label
+    refuse_quantized(proto, label)
     state = None
     if calibration_state is not None:
         state = calibration_state
@@ -309,23 +321,29 @@ def quantize(
     calibrator = toolkit.calibrator(config.calibrator, **config.calibrator_options)
     index = GraphIndex(proto)
     plan = make_plan(toolkit, index, config, backend)
+    given.apply(plan, index, config, backend, label)
+    observed = given.observed(plan)
     timings["plan"] = time.perf_counter() - t0
 
     t1 = time.perf_counter()
+    kept_feeds: list[dict[str, np.ndarray]] = []
+    kept_outputs: list[dict[str, np.ndarray]] = []
     if state is not None:
-        state = _state_statistics(toolkit, state, p, plan)
+        state = _state_statistics(toolkit, state, p, observed)
         statistics, n_batches, n_samples = state.statistics, state.batches, state.samples
-        kept_feeds: list[dict[str, np.ndarray]] = []
-        kept_outputs: list[dict[str, np.ndarray]] = []
+    elif calibration_data is None and given:  # every observed tensor must then have given parameters
+        given.require_data(observed)
+        statistics, n_batches, n_samples = {}, 0, 0
     else:
         batches = iter_batches(calibration_data, model_inputs(proto), batch_size, max_samples, image_options)
         calibration = run_calibration(
-            proto, index, plan.observed_tensors(), calibrator, batches, providers=providers,
+            proto, index, observed, calibrator, batches, providers=providers,
             session_options=session_options, progress=progress, keep_samples=verify_samples if verify else 0,
         )
         statistics, n_batches, n_samples = calibration.statistics, calibration.batches, calibration.samples
         kept_feeds, kept_outputs = calibration.kept_feeds, calibration.kept_outputs
-    ranges = _ranges(calibrator, statistics, plan)
+    ranges = _ranges(calibrator, statistics, plan, observed)
+    given.adjust_ranges(ranges)
     timings["calibrate"] = time.perf_counter() - t1
 
     t2 = time.perf_counter()
@@ -334,12 +352,14 @@ def quantize(
         _add_implied_ranges(plan, ranges)
         params, new_vetoes = compute_params(plan, index, ranges, config)
         new_vetoes = {k: v for k, v in new_vetoes.items() if k not in vetoes}
+        given.pin(plan, params, new_vetoes)
         if not new_vetoes:
             break
         for tensor, reason in new_vetoes.items():
             log.warning("%s: tensor %r stays float: %s", label, tensor, reason)
         vetoes.update(new_vetoes)
         plan = make_plan(toolkit, index, config, backend, vetoed=vetoes)
+        given.apply(plan, index, config, backend, label, strict=False)
     else:
         raise ModelError(f"{label}: quantization plan did not settle after {_MAX_REPLANS} rounds of vetoes")
     rewrite_qdq(proto, index, plan, params, bias_params(plan, params, index))
@@ -480,9 +500,9 @@ def _add_implied_ranges(plan: QuantPlan, ranges: dict[str, tuple[float, float]])
             ranges[name] = ranges[tp.source]
 
 
-def _ranges(calibrator, statistics, plan: QuantPlan) -> dict[str, tuple[float, float]]:  # noqa: ANN001
+def _ranges(calibrator, statistics, plan: QuantPlan, observed: list[str]) -> dict[str, tuple[float, float]]:  # noqa: ANN001
     ranges = {}
-    for name in plan.observed_tensors():
+    for name in observed:
         stat = statistics[name]
         spec = plan.tensors[name].spec
         lo, hi = calibrator.compute_range(name, stat, spec)

@@ -225,6 +225,12 @@ class Toolkit:
 
         return quantize_dynamic(self, model, output, **options)
 
+    def quantize_qat(self, model: Any, output: Any = None, **options: Any):  # noqa: ANN201 - see ortq.qat
+        """Validate and complete an already quantized (QAT) model; see :func:`ortq.qat.quantize_qat`."""
+        from .qat import quantize_qat
+
+        return quantize_qat(self, model, output, **options)
+
     def calibrate(self, model: Any, calibration_data: Any, **options: Any):  # noqa: ANN201
         """Run calibration only and return a :class:`ortq.CalibrationState`; see :func:`ortq.pipeline.calibrate`."""
         from .pipeline import calibrate
