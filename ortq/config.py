@@ -30,6 +30,9 @@ class QuantConfig:
     #: the nodes touching that tensor stay float.
     extreme_range: float = 1e6
     calibrator: str = "minmax"
+    #: Output format: "qdq" (QuantizeLinear/DequantizeLinear around float ops) or "qoperator" (integer
+    #: kernels such as QLinearConv written into the file; see :mod:`ortq.rewrite_qoperator`).
+    quant_format: str = "qdq"
     calibrator_options: dict[str, Any] = field(default_factory=dict)
 
     @property

@@ -9,8 +9,9 @@ declarative is what lets one plan serve the QDQ rewriter, calibration and every 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, ClassVar, Union
+from typing import TYPE_CHECKING, Callable, ClassVar, Union
 
+import numpy as np
 import onnx
 
 if TYPE_CHECKING:
@@ -27,6 +28,8 @@ __all__ = [
     "Bias",
     "SameAs",
     "Role",
+    "QuantizedTensor",
+    "QOperatorContext",
 ]
 
 
@@ -111,6 +114,121 @@ class PlanContext:
         return axis if self.config.per_channel else None
 
 
+@dataclass(frozen=True)
+class QuantizedTensor:
+    """A tensor as an integer (QOperator) kernel reads or writes it: the integer data and its parameters.
+
+    ``name`` is the integer tensor (a DequantizeLinear's input, or a QuantizeLinear's output); ``scale`` and
+    ``zero_point`` name the parameter tensors a kernel takes (the QOperator pass adds an explicit zero
+    point where the Q/DQ had none, because several kernels require one), and ``scale_value`` /
+    ``zero_point_value`` hold their values when they are constants (None when computed at run time).
+    ``axis`` is the per-channel axis, ``elem_type`` the ONNX type of the integer data, ``constant`` True
+    when the integer data itself is a constant (a weight or bias), ``shape`` its shape if known.
+    """
+
+    name: str
+    scale: str
+    zero_point: str
+    scale_value: np.ndarray | None
+    zero_point_value: np.ndarray | None
+    elem_type: int
+    axis: int | None = None
+    constant: bool = False
+    scale_elem_type: int = onnx.TensorProto.FLOAT
+    #: The tensor's shape where the graph declares it (on the integer or the float side), else None.
+    shape: list[int | str | None] | None = None
+
+    @property
+    def per_tensor(self) -> bool:
+        """True for one scale and zero point (what every activation input of ONNX Runtime's kernels needs)."""
+        return self.scale_value is not None and self.scale_value.size == 1 and (
+            self.zero_point_value is None or self.zero_point_value.size == 1
+        )
+
+    @property
+    def is_8bit(self) -> bool:
+        return self.elem_type in (onnx.TensorProto.UINT8, onnx.TensorProto.INT8)
+
+    def same_parameters(self, other: QuantizedTensor) -> bool:
+        """Exactly the same scale and zero point (by name, or by constant value and type)."""
+        if self.elem_type != other.elem_type:
+            return False
+        if self.scale == other.scale and self.zero_point == other.zero_point:
+            return True
+        values = (self.scale_value, other.scale_value, self.zero_point_value, other.zero_point_value)
+        if any(v is None for v in values):
+            return False
+        return bool(
+            self.scale_value.shape == other.scale_value.shape and np.array_equal(self.scale_value, other.scale_value)
+            and np.array_equal(self.zero_point_value.astype(np.int64), other.zero_point_value.astype(np.int64))
+        )
+
+
+class QOperatorContext:
+    """What an op quantizer may ask while turning one DQ -> node -> Q pattern into an integer kernel.
+
+    ``inputs[i]`` is the quantized form of the node's input ``i`` (it is a DequantizeLinear output), or
+    None (float, or absent). ``outputs[j]`` is the quantized form of output ``j`` (every reader of it is a
+    QuantizeLinear), or None (the output stays float). The kernel must write each quantized output under
+    ``outputs[j].name`` and each float output that has readers under its original name. It works on any
+    QDQ model, not only on ortq's plans, so it never looks at a plan or config.
+    """
+
+    def __init__(
+        self,
+        node: onnx.NodeProto,
+        index: GraphIndex,
+        inputs: list[QuantizedTensor | None],
+        outputs: list[QuantizedTensor | None],
+        add_constant: Callable[[str, np.ndarray], str],
+        fresh_name: Callable[[str], str],
+        epilogues: dict[int, tuple[onnx.NodeProto, QuantizedTensor | None]] | None = None,
+    ) -> None:
+        self.node = node
+        self.index = index
+        self.inputs = inputs
+        self.outputs = outputs
+        self._add_constant = add_constant
+        self._fresh_name = fresh_name
+        self._epilogues = epilogues or {}
+        #: Nodes after this one that the kernel computes too (their outputs then come from the kernel).
+        self.absorbed: list[onnx.NodeProto] = []
+
+    def input(self, i: int) -> QuantizedTensor | None:
+        return self.inputs[i] if i < len(self.inputs) else None
+
+    def output(self, j: int = 0) -> QuantizedTensor | None:
+        return self.outputs[j] if j < len(self.outputs) else None
+
+    def constant_value(self, name: str) -> np.ndarray | None:
+        return self.index.constant_value(name) if name else None
+
+    def attribute(self, node: onnx.NodeProto, name: str, default: object = None) -> object:
+        return self.index.attribute(node, name, default)
+
+    def shape(self, name: str) -> list[int | str | None] | None:
+        return self.index.shape(name)
+
+    def opset(self, domain: str = "") -> int:
+        return self.index.opset(domain)
+
+    def add_constant(self, base: str, value: np.ndarray) -> str:
+        """Add an initializer under a fresh name derived from ``base``; returns the name."""
+        return self._add_constant(base, value)
+
+    def fresh_name(self, base: str) -> str:
+        return self._fresh_name(base)
+
+    def epilogue(self, j: int = 0) -> tuple[onnx.NodeProto, QuantizedTensor | None] | None:
+        """The only reader of float output ``j`` and the quantized form of its output (None: float), if
+        output ``j`` is not quantized itself; a kernel that computes that reader too (a MatMul's bias Add)
+        calls :meth:`absorb` and writes the reader's output instead."""
+        return self._epilogues.get(j)
+
+    def absorb(self, node: onnx.NodeProto) -> None:
+        self.absorbed.append(node)
+
+
 class OpQuantizer:
     """Base class for op quantizer plugins; one subclass per op family, registered by its ``op_types``.
 
@@ -133,6 +251,16 @@ class OpQuantizer:
 
         The planner drops that input's Q/DQ only if the producer is quantized, the input has no other
         reader, and this node's output is quantized, so the fused kernel ends in this node's Q.
+        """
+        return None
+
+    def qoperator(self, node: onnx.NodeProto, q: QOperatorContext) -> list[onnx.NodeProto] | LeaveFloat | None:
+        """The node as integer kernel(s) reading and writing quantized tensors (the QOperator format).
+
+        Called by :func:`ortq.rewrite_qoperator.convert_to_qoperator` for a node some of whose inputs are
+        DequantizeLinear outputs or whose outputs feed QuantizeLinear. Return the replacement nodes, or
+        ``LeaveFloat(reason)`` when this node's types or attributes have no integer kernel, or None (the
+        default: this op quantizer provides only the QDQ format). Either way the node then keeps its Q/DQ.
         """
         return None
 

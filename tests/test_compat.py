@@ -76,8 +76,8 @@ def test_extra_options_are_mapped_or_refused(tmp_path: Path) -> None:
 
 
 def test_unsupported_formats_are_refused_clearly(tmp_path: Path) -> None:
-    with pytest.raises(ortq.ConfigError, match="quant_format QOperator is not supported yet"):
-        ortq.quantize_static(tiny_cnn(), tmp_path / "q.onnx", Reader(tiny_data()), quant_format=ortq.QuantFormat.QOperator)
+    with pytest.raises(ortq.ConfigError, match="quant_format 'QLinear' is not QuantFormat.QDQ or QuantFormat.QOperator"):
+        ortq.quantize_static(tiny_cnn(), tmp_path / "q.onnx", Reader(tiny_data()), quant_format="QLinear")
     with pytest.raises(ortq.ConfigError, match="no calibrator named 'distribution'"):
         ortq.quantize_static(
             tiny_cnn(), tmp_path / "q.onnx", Reader(tiny_data()), calibrate_method=ortq.CalibrationMethod.Distribution

@@ -160,6 +160,13 @@ class TensorRTBackend(Backend):
             calibrator="minmax",
         )
 
+    def check_config(self, config: QuantConfig) -> None:
+        if config.quant_format != "qdq":
+            raise ConfigError(
+                f"the tensorrt target needs the QDQ format (TensorRT's explicit quantization reads Q/DQ), "
+                f"not {config.quant_format}"
+            )
+
     def leave_float(self, node: onnx.NodeProto, ctx: PlanContext) -> str | None:
         if node.op_type == "ConvTranspose" and ctx.config.per_channel and int(ctx.attribute(node, "group", 1)) == 1:
             # ortq scales ConvTranspose weights per output channel (axis 1); TensorRT's deconvolution kernels

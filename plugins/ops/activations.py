@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import onnx
 
-from ortq import LeaveFloat, NodePlan, OpQuantizer, PlanContext, hookimpl
+from ortq import LeaveFloat, NodePlan, OpQuantizer, PlanContext, QOperatorContext, hookimpl
+from ortq.rewrite_qoperator import qlinear_unary
 
 class _QuantizedChainOp(OpQuantizer):
     def plan(self, node: onnx.NodeProto, ctx: PlanContext) -> NodePlan | LeaveFloat:
@@ -41,6 +42,15 @@ class ClipQuantizer(_QuantizedChainOp):
 
 class PointwiseActivationQuantizer(_QuantizedChainOp):
     op_types = ("LeakyRelu", "Sigmoid", "HardSigmoid")
+
+    def qoperator(self, node: onnx.NodeProto, q: QOperatorContext) -> list[onnx.NodeProto] | LeaveFloat | None:
+        """QLinearSigmoid and QLinearLeakyRelu (com.microsoft); ONNX Runtime has no QLinearHardSigmoid.
+        Relu and Clip need no kernel: the QOperator pass folds them into the Q before them."""
+        if node.op_type == "Sigmoid":
+            return qlinear_unary(node, q, "QLinearSigmoid")
+        if node.op_type == "LeakyRelu":
+            return qlinear_unary(node, q, "QLinearLeakyRelu", alpha=float(q.attribute(node, "alpha", 0.01)))
+        return None
 
 
 @hookimpl

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import onnx
 
-from ortq import Activation, Bias, LeaveFloat, NodePlan, OpQuantizer, PlanContext, Weight, hookimpl
+from ortq import Activation, Bias, LeaveFloat, NodePlan, OpQuantizer, PlanContext, QOperatorContext, Weight, hookimpl
+from ortq.rewrite_qoperator import check_kernel_types, int32_bias
 
 
 class ConvQuantizer(OpQuantizer):
@@ -19,6 +20,26 @@ class ConvQuantizer(OpQuantizer):
             inputs={0: Activation(), 1: Weight(axis=ctx.weight_axis(0)), 2: Bias(input=0, weight=1)},
             outputs={0: Activation()},
         )
+
+    def qoperator(self, node: onnx.NodeProto, q: QOperatorContext) -> list[onnx.NodeProto] | LeaveFloat:
+        """QLinearConv(x, x_scale, x_zp, w, w_scale, w_zp, y_scale, y_zp, B) with Conv's attributes."""
+        x, w, y = q.input(0), q.input(1), q.output(0)
+        if x is None or w is None or y is None:
+            return LeaveFloat("its input, weight and output are not all quantized")
+        if w.axis not in (None, 0):
+            return LeaveFloat(f"weight {w.name!r} is quantized along axis {w.axis}, QLinearConv takes axis 0")
+        bad = check_kernel_types([x, y], w)
+        if bad is not None:
+            return bad
+        inputs = [x.name, x.scale, x.zero_point, w.name, w.scale, w.zero_point, y.scale, y.zero_point]
+        if len(node.input) > 2 and node.input[2]:
+            bias = int32_bias(node, q, 2, x, w)
+            if isinstance(bias, LeaveFloat):
+                return bias
+            inputs.append(bias)
+        kernel = onnx.helper.make_node("QLinearConv", inputs, [y.name], name=q.fresh_name(f"{node.name}_quant"))
+        kernel.attribute.extend(node.attribute)
+        return [kernel]
 
 
 class ConvTransposeQuantizer(OpQuantizer):

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import onnx
 
-from ortq import LeaveFloat, NodePlan, OpQuantizer, PlanContext, SameAs, hookimpl
+from ortq import LeaveFloat, NodePlan, OpQuantizer, PlanContext, QOperatorContext, SameAs, hookimpl
+from ortq.rewrite_qoperator import run_on_quantized
 
 
 class DataMovementQuantizer(OpQuantizer):
@@ -20,12 +21,18 @@ class DataMovementQuantizer(OpQuantizer):
     def plan(self, node: onnx.NodeProto, ctx: PlanContext) -> NodePlan | LeaveFloat:
         return NodePlan(outputs={0: SameAs(0)})
 
+    def qoperator(self, node: onnx.NodeProto, q: QOperatorContext) -> list[onnx.NodeProto] | LeaveFloat:
+        return run_on_quantized(node, q)
+
 
 class SplitQuantizer(OpQuantizer):
     op_types = ("Split",)
 
     def plan(self, node: onnx.NodeProto, ctx: PlanContext) -> NodePlan | LeaveFloat:
         return NodePlan(outputs={i: SameAs(0) for i in range(len(node.output))})
+
+    def qoperator(self, node: onnx.NodeProto, q: QOperatorContext) -> list[onnx.NodeProto] | LeaveFloat:
+        return run_on_quantized(node, q)
 
 
 class GatherQuantizer(OpQuantizer):
@@ -35,6 +42,9 @@ class GatherQuantizer(OpQuantizer):
         if ctx.is_constant(node.input[0]):
             return LeaveFloat("gathering from a constant table (an embedding) would dequantize all of it per run")
         return NodePlan(outputs={0: SameAs(0)})
+
+    def qoperator(self, node: onnx.NodeProto, q: QOperatorContext) -> list[onnx.NodeProto] | LeaveFloat:
+        return run_on_quantized(node, q)
 
 
 class ResizeQuantizer(OpQuantizer):
@@ -46,6 +56,12 @@ class ResizeQuantizer(OpQuantizer):
         if ctx.string_attribute(node, "mode", "nearest") == "cubic":
             return self.extend_chain(node, ctx)
         return NodePlan(outputs={0: SameAs(0)})
+
+    def qoperator(self, node: onnx.NodeProto, q: QOperatorContext) -> list[onnx.NodeProto] | LeaveFloat:
+        """Nearest and linear interpolation of integers stay within the input's codes (8-bit kernels only)."""
+        if q.attribute(node, "mode", b"nearest") in (b"cubic", "cubic"):
+            return LeaveFloat("cubic interpolation can overshoot the input's range")
+        return run_on_quantized(node, q, eight_bit_only=True)
 
 
 class PadQuantizer(OpQuantizer):

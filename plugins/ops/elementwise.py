@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import onnx
 
-from ortq import Activation, LeaveFloat, NodePlan, OpQuantizer, PlanContext, hookimpl
+from onnx import helper
+
+from ortq import Activation, LeaveFloat, NodePlan, OpQuantizer, PlanContext, QOperatorContext, hookimpl
+from ortq.rewrite_qoperator import MS_DOMAIN, check_kernel_types
 
 _NOT_IN_CHAIN = "no input is quantized upstream, so an integer kernel here would only add Q/DQ"
 
@@ -29,6 +32,19 @@ class BinaryElementwiseQuantizer(OpQuantizer):
         if matmul is not None:
             return NodePlan(inputs={matmul: Activation()}, outputs={0: Activation()})
         return NodePlan(inputs={0: Activation(), 1: Activation()}, outputs={0: Activation()})
+
+    def qoperator(self, node: onnx.NodeProto, q: QOperatorContext) -> list[onnx.NodeProto] | LeaveFloat:
+        """com.microsoft.QLinearAdd / QLinearMul(A, A_scale, A_zp, B, B_scale, B_zp, C_scale, C_zp)."""
+        a, b, y = q.input(0), q.input(1), q.output(0)
+        if a is None or b is None or y is None:
+            return LeaveFloat("its inputs and output are not all quantized")
+        bad = check_kernel_types([a, b, y])
+        if bad is not None:
+            return bad
+        return [helper.make_node(
+            f"QLinear{node.op_type}", [a.name, a.scale, a.zero_point, b.name, b.scale, b.zero_point, y.scale, y.zero_point],
+            [y.name], name=q.fresh_name(f"{node.name}_quant"), domain=MS_DOMAIN,
+        )]
 
     def fused_input(self, node: onnx.NodeProto, ctx: PlanContext) -> int | None:
         """The MatMul side of ``MatMul(x, W) + b`` with constant W and a constant bias vector b."""
@@ -54,6 +70,21 @@ class ConcatQuantizer(OpQuantizer):
         if not self.activation_inputs_quantized(node, ctx, indices):
             return LeaveFloat(_NOT_IN_CHAIN)
         return NodePlan(inputs={i: Activation() for i in indices}, outputs={0: Activation()})
+
+    def qoperator(self, node: onnx.NodeProto, q: QOperatorContext) -> list[onnx.NodeProto] | LeaveFloat:
+        """com.microsoft.QLinearConcat(Y_scale, Y_zp, X1, X1_scale, X1_zp, ...); input scales may differ."""
+        xs, y = [q.input(i) for i in range(len(node.input))], q.output(0)
+        if y is None or any(x is None for x in xs):
+            return LeaveFloat("its inputs and output are not all quantized")
+        bad = check_kernel_types([*xs, y])
+        if bad is not None:
+            return bad
+        inputs = [y.scale, y.zero_point]
+        for x in xs:
+            inputs += [x.name, x.scale, x.zero_point]
+        kernel = helper.make_node("QLinearConcat", inputs, [y.name], name=q.fresh_name(f"{node.name}_quant"), domain=MS_DOMAIN)
+        kernel.attribute.extend(node.attribute)
+        return [kernel]
 
 
 @hookimpl

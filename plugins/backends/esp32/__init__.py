@@ -92,6 +92,8 @@ class Esp32Backend(Backend):
         )
 
     def check_config(self, config: QuantConfig) -> None:
+        if config.quant_format != "qdq":
+            raise ConfigError(f"the esp32 targets need the QDQ format (the exporter reads Q/DQ), not {config.quant_format}")
         for role, spec in (("activations", config.activation), ("weights", config.weight)):
             if spec.qtype not in (QuantType.INT8, QuantType.INT16):
                 raise ConfigError(f"the esp32 target runs int8 or int16 (signed) {role}, not {spec.qtype.value}")
