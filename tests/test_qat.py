@@ -232,3 +232,21 @@ def test_completed_matmul_bias_fuses_into_qgemm(toolkit: ortq.Toolkit, tmp_path:
     after = optimized_ops(toolkit.quantize_qat(qat_model(), None).model, "after.onnx")
     assert before.count("QGemm") == 1 and "Gemm" in before  # the exported MatMul + Add ran in float
     assert after.count("QGemm") == 2 and "Gemm" not in after and after.count("QLinearConv") == 1
+
+
+def test_qoperator_format_keeps_the_parameters(toolkit: ortq.Toolkit) -> None:
+    pytest.importorskip("ortq.rewrite_qoperator")
+    model, data = qat_model(), _data()
+    result = toolkit.quantize_qat(model, None, quant_format="qoperator", verify_data=data)
+    ops = [n.op_type for n in result.model.graph.node]
+    assert "QGemm" in ops and "Gemm" not in ops  # the fc layer runs as ONNX Runtime's integer Gemm
+    # The kernels carry the exported parameters unchanged (their scale/zero-point inputs are the same values).
+    stored = {numpy_helper.to_array(i).tobytes() for i in result.model.graph.initializer}
+    for name in ("f_scale", "f_zp", "w2_scale", "h_scale", "h_zp"):
+        value = next(numpy_helper.to_array(i) for i in model.graph.initializer if i.name == name)
+        assert value.tobytes() in stored, name
+    onnx.checker.check_model(result.model, full_check=True)
+    assert sqnr_db(run(model, data)[0], run(result.model, data)[0]) > 35.0
+    assert result.left_qdq  # and says which nodes kept their Q/DQ, with reasons
+    with pytest.raises(ortq.ConfigError, match="quant_format 'qlinear' is not one of qdq, qoperator"):
+        toolkit.quantize_qat(model, None, quant_format="qlinear")
