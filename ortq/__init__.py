@@ -28,7 +28,9 @@ from .errors import (
     VerificationError,
 )
 from .hookspecs import hookimpl
-from .op_quantizer import Activation, Bias, LeaveFloat, NodePlan, OpQuantizer, PlanContext, SameAs, Weight
+from .op_quantizer import (
+    Activation, Bias, LeaveFloat, NodePlan, OpQuantizer, PlanContext, QOperatorContext, QuantizedTensor, SameAs, Weight,
+)
 from .scheme import QuantParams, QuantSpec, QuantType
 from .images import ImageOptions
 from .metric import Metric
@@ -56,6 +58,8 @@ __all__ = [
     "Weight",
     "Bias",
     "SameAs",
+    "QOperatorContext",
+    "QuantizedTensor",
     "Calibrator",
     "Statistic",
     "MinMaxStatistic",

@@ -156,6 +156,9 @@ def build_cli(toolkit: Toolkit) -> click.Group:
     @click.option("--mode", type=click.Choice(["static", "dynamic"]), default="static", show_default=True,
                   help="static: QDQ from calibration data; dynamic: int8 weights, activations quantized at run "
                        "time (ONNX Runtime CPU; no calibration data; --calibration-data only verifies).")
+    @click.option("--format", "quant_format", type=click.Choice(["qdq", "qoperator"]), default="qdq", show_default=True,
+                  help="qdq: Q/DQ pairs around float ops; qoperator: integer kernels (QLinearConv, QGemm, ...) "
+                       "in the file (static mode, cpu target).")
     @click.option("--calibrate-method", default=None, help="Calibrator name (default: the target's).")
     @click.option("--calibrator-option", multiple=True, metavar="KEY=VALUE", help="Option for the calibrator; repeatable.")
     @click.option("--activation-type", type=_TYPES, default=None)
@@ -184,7 +187,7 @@ def build_cli(toolkit: Toolkit) -> click.Group:
                  activation_symmetric: bool | None, weight_symmetric: bool | None, reduce_range: bool | None, op_types: str | None,
                  nodes_to_quantize: str | None, nodes_to_exclude: str | None, batch_size: int | None, max_samples: int | None,
                  extreme_range: float | None, verify: bool, backend_option: tuple[str, ...], provider: tuple[str, ...],
-                 intra_op_threads: int | None, **image_flags: Any) -> None:
+                 intra_op_threads: int | None, quant_format: str, **image_flags: Any) -> None:
         """Quantize MODEL: statically to QDQ form (from calibration data or a saved calibration state), or
         dynamically (--mode dynamic) to ONNX Runtime's DynamicQuantizeMatMul without calibration."""
         tensor_overrides = image_flags.pop("tensor_overrides")
@@ -195,6 +198,8 @@ def build_cli(toolkit: Toolkit) -> click.Group:
                 raise click.UsageError("--mode dynamic targets ONNX Runtime's CPU provider only (--target cpu)")
             if calibration_state is not None:
                 raise click.UsageError("--calibration-state has no use in --mode dynamic")
+            if quant_format != "qdq":
+                raise click.UsageError("--format applies to static quantization; --mode dynamic writes ONNX Runtime's dynamic kernels")
             result = toolkit.quantize_dynamic(
                 model, output, op_types_to_quantize=_csv(op_types), per_channel=bool(per_channel),
                 reduce_range=bool(reduce_range), weight_type=weight_type or "int8",
@@ -220,7 +225,7 @@ def build_cli(toolkit: Toolkit) -> click.Group:
                 weight_symmetric=weight_symmetric, reduce_range=reduce_range, op_types_to_quantize=_csv(op_types),
                 nodes_to_quantize=_csv(nodes_to_quantize), nodes_to_exclude=_csv(nodes_to_exclude), batch_size=batch_size,
                 max_samples=max_samples, extreme_range=extreme_range, verify=verify, progress=bar.update,
-                tensor_overrides=tensor_overrides,
+                quant_format=quant_format, tensor_overrides=tensor_overrides,
             )
         click.echo(result.summary())
         click.echo(f"wrote {result.output}")

@@ -99,11 +99,11 @@ def quantize_static(
     toolkit: Any = None,
     target: str = "cpu",
 ):  # noqa: ANN201 - returns ortq's QuantizationResult (ONNX Runtime returns None)
-    """Signature-compatible with ``onnxruntime.quantization.quantize_static`` (QDQ format)."""
+    """Signature-compatible with ``onnxruntime.quantization.quantize_static`` (QDQ or QOperator format)."""
     from .toolkit import Toolkit
 
-    if _enum_name(quant_format) != "QDQ":
-        raise ConfigError(f"quant_format {_enum_name(quant_format)} is not supported yet; use QuantFormat.QDQ")
+    if _enum_name(quant_format) not in ("QDQ", "QOperator"):
+        raise ConfigError(f"quant_format {_enum_name(quant_format)!r} is not QuantFormat.QDQ or QuantFormat.QOperator")
     if use_external_data_format:
         raise ConfigError("use_external_data_format is not supported yet; models must fit in 2 GB")
     method = _enum_name(calibrate_method)
@@ -119,6 +119,7 @@ def quantize_static(
         # ONNX Runtime's defaults where they differ from the cpu backend's:
         "activation_symmetric": False,
         "weight_symmetric": True,
+        "quant_format": _enum_name(quant_format).lower(),
     }
     calibrator_options: dict[str, Any] = {}
     for key, value in (extra_options or {}).items():

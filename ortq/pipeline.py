@@ -25,6 +25,7 @@ from .params import bias_params, compute_params
 from .planner import FloatNode, QuantPlan, make_plan
 from .rewrite_dynamic import DEFAULT_DYNAMIC_OP_TYPES, DYNAMIC_OP_TYPES, rewrite_dynamic
 from .rewrite_qdq import rewrite_qdq
+from .rewrite_qoperator import convert_to_qoperator
 from .state import CalibrationState, model_fingerprint
 from .tensor_overrides import TensorOverrides
 from .qat import refuse_quantized
@@ -117,6 +118,10 @@ def resolve_config(backend: Backend, **overrides: Any) -> QuantConfig:
         config.calibrator_options = dict(overrides["calibrator_options"])
     if config.extreme_range <= 0:
         raise ConfigError("extreme_range must be positive")
+    if overrides.get("quant_format") is not None:
+        config.quant_format = str(getattr(overrides["quant_format"], "name", overrides["quant_format"])).lower()
+    if config.quant_format not in QUANT_FORMATS:
+        raise ConfigError(f"quant_format {config.quant_format!r} is not one of {', '.join(QUANT_FORMATS)}")
     backend.check_config(config)
     return config
 
@@ -363,6 +368,8 @@ def quantize(
     else:
         raise ModelError(f"{label}: quantization plan did not settle after {_MAX_REPLANS} rounds of vetoes")
     rewrite_qdq(proto, index, plan, params, bias_params(plan, params, index))
+    if config.quant_format == "qoperator":
+        convert_to_qoperator(proto, toolkit)  # logs each node left in QDQ form and why
     timings["rewrite"] = time.perf_counter() - t2
 
     t3 = time.perf_counter()
@@ -483,7 +490,10 @@ _OVERRIDES = {
     "activation_type", "weight_type", "activation_symmetric", "weight_symmetric", "per_channel", "reduce_range",
     "quantize_bias", "matmul_const_b_only", "op_types_to_quantize", "nodes_to_quantize", "nodes_to_exclude",
     "op_types_no_output_quantization", "calibrate_method", "calibrator_options", "extreme_range", "backend_options",
+    "quant_format",
 }
+#: Output formats of static quantization.
+QUANT_FORMATS = ("qdq", "qoperator")
 
 
 def _add_implied_ranges(plan: QuantPlan, ranges: dict[str, tuple[float, float]]) -> None:
