@@ -81,6 +81,8 @@ __all__ = [
     "ConfigError",
     "PluginError",
     "VerificationError",
+    "debug_models",
+    "DebugReport",
 ]
 
 
@@ -97,3 +99,4 @@ def quantize_qat(model: Any, output: Any = None, **options: Any):  # noqa: ANN20
 from .compat import CalibrationDataReader, CalibrationMethod, QuantFormat, quantize_dynamic, quantize_static  # noqa: E402
 # Bound after the submodule import so ``ortq.evaluate`` is the function (the module stays importable by name).
 from .evaluate import EvaluationReport, MetricResult, evaluate  # noqa: E402
+from .debug import DebugReport, debug_models  # noqa: E402

@@ -400,6 +400,37 @@ def build_cli(toolkit: Toolkit) -> click.Group:
         click.echo(result.summary())
         click.echo(f"wrote {result.output}")
 
+    @cli.command()
+    @click.argument("float_model", type=click.Path(dir_okay=False, path_type=Path))
+    @click.argument("quantized_model", type=click.Path(dir_okay=False, path_type=Path))
+    @click.option("-d", "--data", required=True, type=click.Path(path_type=Path),
+                  help="Inputs for both models (.npz or a folder, as for --calibration-data).")
+    @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                  help="Write every tensor as JSON (ortq/schemas/debug-report.schema.json).")
+    @click.option("--html", "html_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                  help="Write a self-contained HTML report (per-layer plot with the 'report' extra).")
+    @click.option("--top", type=click.IntRange(min=0), default=20, show_default=True, help="Rows to print (0: all).")
+    @click.option("--sort", type=click.Choice(["injected", "sqnr", "channel-sqnr", "cosine", "max-error", "order"]),
+                  default="injected", show_default=True,
+                  help="injected: noise each tensor's own quantizer adds (finds the cause); sqnr: accumulated error.")
+    @click.option("--batch-size", type=click.IntRange(min=1), default=None)
+    @click.option("--max-samples", type=click.IntRange(min=1), default=None, help="Samples to compare (default 128).")
+    @click.option("--provider", multiple=True, metavar="NAME", help="ONNX Runtime execution provider; repeatable.")
+    def debug(float_model: Path, quantized_model: Path, data: Path, json_path: Path | None, html_path: Path | None,
+              top: int, sort: str, batch_size: int | None, max_samples: int | None, provider: tuple[str, ...]) -> None:
+        """Compare QUANTIZED_MODEL with FLOAT_MODEL tensor by tensor and rank where the error comes from."""
+        from .debug import DEFAULT_MAX_SAMPLES, debug_models
+        from .model_io import write_file_atomic
+
+        report = debug_models(float_model, quantized_model, data, batch_size=batch_size,
+                              max_samples=max_samples or DEFAULT_MAX_SAMPLES, providers=list(provider) or None)
+        click.echo(report.table(top=top or None, sort=sort))
+        for path, text in ((json_path, report.to_json(sort) if json_path else ""),
+                           (html_path, report.to_html(sort) if html_path else "")):
+            if path is not None:
+                write_file_atomic(path, text + "\n")
+                click.echo(f"wrote {path}")
+
     # New built-in commands go above this line, one block each (preprocess, debug, evaluate, ...).
 
     @cli.group()

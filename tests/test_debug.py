@@ -1,0 +1,371 @@
+"""ortq debug: tensor-by-tensor comparison of a float model and its quantized version."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from onnx import TensorProto, helper, numpy_helper
+
+import ortq
+from ortq.cli import build_cli
+from ortq.debug import debug_models, match_tensors
+
+from conftest import tiny_cnn, tiny_data
+
+HOSTILE = 4  # the output channel of conv1 made ~1000x larger
+
+
+def hostile_cnn(seed: int = 0) -> onnx.ModelProto:
+    """conv1 -> relu -> conv2 -> relu -> conv3 -> GAP -> flatten -> gemm, where conv1's channel HOSTILE has
+    ~1000x larger weights and bias than the others and conv2 divides its weights on that channel by 1000, so
+    the float model computes ordinary values while per-tensor activation quantization of conv1's output
+    crushes every other channel."""
+    rng = np.random.default_rng(seed)
+    w1 = rng.normal(0, 0.3, (8, 3, 3, 3)).astype(np.float32)
+    b1 = rng.normal(0.3, 0.1, 8).astype(np.float32)
+    w1[HOSTILE] *= 1000.0
+    b1[HOSTILE] = abs(b1[HOSTILE]) * 1000.0
+    w2 = rng.normal(0, 0.2, (8, 8, 3, 3)).astype(np.float32)
+    w2[:, HOSTILE] /= 1000.0
+    b2 = rng.normal(0.1, 0.05, 8).astype(np.float32)
+    w3 = rng.normal(0, 0.2, (8, 8, 3, 3)).astype(np.float32)
+    b3 = rng.normal(0.0, 0.05, 8).astype(np.float32)
+    wf = rng.normal(0, 0.5, (5, 8)).astype(np.float32)
+    bf = rng.normal(0, 0.1, 5).astype(np.float32)
+    inits = [numpy_helper.from_array(v, n) for n, v in
+             [("w1", w1), ("b1", b1), ("w2", w2), ("b2", b2), ("w3", w3), ("b3", b3), ("wf", wf), ("bf", bf)]]
+    pads = [1, 1, 1, 1]
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=pads),
+        helper.make_node("Relu", ["c1"], ["a1"], name="relu1"),
+        helper.make_node("Conv", ["a1", "w2", "b2"], ["c2"], name="conv2", pads=pads),
+        helper.make_node("Relu", ["c2"], ["a2"], name="relu2"),
+        helper.make_node("Conv", ["a2", "w3", "b3"], ["c3"], name="conv3", pads=pads),
+        helper.make_node("GlobalAveragePool", ["c3"], ["g"], name="gap"),
+        helper.make_node("Flatten", ["g"], ["f"], name="flatten"),
+        helper.make_node("Gemm", ["f", "wf", "bf"], ["y"], name="fc", transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes, "hostile_cnn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5])], inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 7
+    onnx.checker.check_model(model)
+    return model
+
+
+def _quantize(toolkit: ortq.Toolkit, model: onnx.ModelProto, tmp_path: Path, name: str, **options) -> tuple[Path, Path]:
+    float_path = tmp_path / f"{name}.onnx"
+    onnx.save(model, float_path)
+    quant_path = tmp_path / f"{name}.int8.onnx"
+    toolkit.quantize(float_path, quant_path, calibration_data=tiny_data(32), verify=False, **options)
+    return float_path, quant_path
+
+
+@pytest.fixture
+def hostile(toolkit: ortq.Toolkit, tmp_path: Path) -> tuple[Path, Path]:
+    """Quantized with the cpu target's defaults: per-tensor u8 activations, per-channel s8 weights."""
+    return _quantize(toolkit, hostile_cnn(), tmp_path, "hostile")
+
+
+@pytest.mark.parametrize("quant_format", ["qdq", "qoperator"])
+def test_hostile_layer_ranks_first(toolkit: ortq.Toolkit, tmp_path: Path, quant_format: str) -> None:
+    """cpu target defaults (per-tensor u8 activations); QOperator outputs are dequantized with the scale
+    and zero point of the QLinearConv that writes them."""
+    float_path, quant_path = _quantize(toolkit, hostile_cnn(), tmp_path, "hostile", quant_format=quant_format)
+    report = debug_models(float_path, quant_path, tiny_data(24, seed=5), batch_size=8)
+    assert report.samples == 24 and report.batches == 3
+    rows = report.sorted()
+    assert rows[0].tensor == "a1" and rows[0].kind == "activation" and rows[0].op_type == "Relu"
+    top = rows[0]
+    # The outlier channel keeps the whole-tensor SQNR respectable; the per-channel average exposes it.
+    assert top.injected_channel_sqnr_db < top.injected_sqnr_db - 15
+    assert top.injected_score_db < 10
+    by_name = {r.tensor: r for r in rows}
+    # Downstream tensors carry the accumulated damage but inject little themselves.
+    assert by_name["a2"].sqnr_db < by_name["a2"].injected_sqnr_db - 10
+    assert by_name["a2"].injected_score_db > top.injected_score_db + 10
+    # Ranking by accumulated SQNR alone would not put the cause first.
+    assert report.sorted("sqnr")[0].tensor != "a1"
+    # Weights are compared against the float initializers, per channel along axis 0.
+    assert by_name["w1"].kind == "weight" and by_name["w1"].per_channel and by_name["w1"].sqnr_db > 30
+    assert by_name["w1"].node == "conv1" and by_name["w1"].op_type == "Conv"
+    assert by_name["w1"].clipped_fraction == 0.0  # symmetric weights: nothing beyond the range
+    assert top.scale > 1.0  # the outlier channel stretched the per-tensor scale
+
+
+def test_numbers_match_a_direct_computation(toolkit: ortq.Toolkit, tmp_path: Path) -> None:
+    """SQNR, cosine and max error of streamed sums equal those of the whole tensors at once."""
+    import onnxruntime as ort
+
+    float_path, quant_path = _quantize(toolkit, tiny_cnn(), tmp_path, "tiny")
+    data = tiny_data(20, seed=3)
+    report = debug_models(float_path, quant_path, data, batch_size=6)
+    assert report.samples == 20 and report.batches == 4
+    row = next(r for r in report.tensors if r.tensor == "r1")
+    assert row.quantized_tensor is not None
+
+    def fetch(path: Path, name: str) -> np.ndarray:
+        model = onnx.load(path)
+        model.graph.output.append(onnx.ValueInfoProto(name=name))
+        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        return session.run([name], data)[0]
+
+    ref = fetch(float_path, "r1").astype(np.float64)
+    qmodel = onnx.load(quant_path)
+    dq = next(n for n in qmodel.graph.node if n.op_type == "DequantizeLinear" and n.input[0] == row.quantized_tensor)
+    act = fetch(quant_path, dq.output[0]).astype(np.float64)
+    assert row.sqnr_db == pytest.approx(ortq.metrics.sqnr_db(ref, act), abs=1e-6)
+    assert row.cosine == pytest.approx(ortq.metrics.cosine_similarity(ref, act), abs=1e-9)
+    assert row.max_abs_error == pytest.approx(float(np.max(np.abs(ref - act))), rel=1e-6)
+    # r1 carries its own quantizer's noise plus that of the input and weights upstream.
+    assert row.injected_sqnr_db > row.sqnr_db + 1
+    # The graph input is exact in both models: all of its error is its own quantizer's.
+    x = next(r for r in report.tensors if r.tensor == "x")
+    assert x.node == "graph input" and x.order == -1
+    assert x.injected_sqnr_db == pytest.approx(x.sqnr_db, abs=1e-6) and x.injected_max_abs_error == x.max_abs_error
+    # The float model's final output stays float in neither model but is compared all the same.
+    out = next(r for r in report.tensors if r.tensor == "y")
+    assert out.sqnr_db > 20 and 0.99 < out.cosine <= 1.0 + 1e-9
+
+
+@pytest.mark.parametrize("fmt", ["QDQ", "QOperator"])
+def test_onnxruntime_quantizer_models_match(tmp_path: Path, fmt: str) -> None:
+    """Models from onnxruntime.quantization match too: QDQ (``_QuantizeLinear_Output`` naming) and
+    QOperator (QLinearConv with the Relu folded in, QLinearGlobalAveragePool, QGemm with an int32 bias)."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    float_path = tmp_path / "tiny.onnx"
+    onnx.save(tiny_cnn(), float_path)
+    feeds = [{"x": tiny_data(16)["x"][i : i + 4]} for i in range(0, 16, 4)]
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.it = iter(feeds)
+
+        def get_next(self):  # noqa: ANN201
+            return next(self.it, None)
+
+    quant_path = tmp_path / f"tiny.{fmt}.onnx"
+    quantize_static(str(float_path), str(quant_path), Reader(), quant_format=getattr(QuantFormat, fmt),
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    report = debug_models(float_path, quant_path, feeds)
+    names = {r.tensor: r for r in report.tensors}
+    assert {"x", "r1", "g", "y", "w1", "w2", "b1", "b2"} <= names.keys(), sorted(names)
+    assert report.unmatched == []
+    assert all(r.sqnr_db > 25 for r in report.tensors), [(r.tensor, r.sqnr_db) for r in report.tensors]
+    assert all(r.clipped_fraction < 0.01 for r in report.tensors if r.kind == "activation")
+    assert names["w1"].kind == "weight" and names["x"].kind == "activation"
+    assert names["b1"].quant_type == "int32" and names["b1"].sqnr_db > 50
+    if fmt == "QOperator":
+        assert names["r1"].quantized_tensor == "c1_quantized"  # QLinearConv's output holds Relu(c1)
+
+
+def test_match_structural_and_by_name() -> None:
+    """A QDQ pair with arbitrary names matches through the QuantizeLinear's input; a renamed weight through
+    the consumer node of the same name; FreshNames suffixes are stripped."""
+    f = tiny_cnn()
+    q = onnx.ModelProto()
+    q.CopyFrom(f)
+    g = q.graph
+    w = numpy_helper.to_array(next(i for i in g.initializer if i.name == "w1"))
+    s = float(np.abs(w).max() / 127)
+    g.initializer.extend([
+        numpy_helper.from_array(np.rint(w / s).astype(np.int8), "mystery"),
+        numpy_helper.from_array(np.array(s, np.float32), "ws"),
+        numpy_helper.from_array(np.array(0, np.int8), "wz"),
+        numpy_helper.from_array(np.array(0.05, np.float32), "as"),
+        numpy_helper.from_array(np.array(0, np.uint8), "az"),
+    ])
+    nodes = list(g.node)
+    del g.node[:]
+    g.node.extend([
+        helper.make_node("DequantizeLinear", ["mystery", "ws", "wz"], ["whatever"], name="dqw"),
+        nodes[0], nodes[1],
+        helper.make_node("QuantizeLinear", ["r1", "as", "az"], ["q_7"], name="qa"),
+        helper.make_node("DequantizeLinear", ["q_7", "as", "az"], ["r1_dequantized_2"], name="dqa"),
+        *nodes[2:],
+    ])
+    g.node[1].input[1] = "whatever"
+    g.node[4 + 1].input[0] = "r1_dequantized_2"
+    matches, unmatched = match_tensors(f, q)
+    found = {m.name: (m.float_name, m.matched_by) for m in matches}
+    assert found == {"mystery": ("w1", "consumer"), "q_7": ("r1", "quantize-input")}
+    assert unmatched == []
+
+
+def test_json_validates_against_shipped_schema(hostile: tuple[Path, Path], tmp_path: Path) -> None:
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = json.loads((resources.files("ortq") / "schemas" / "debug-report.schema.json").read_text())
+    jsonschema.Draft202012Validator.check_schema(schema)
+    float_path, quant_path = hostile
+    out = tmp_path / "report.json"
+    result = CliRunner().invoke(build_cli(ortq.Toolkit(autoload=False)), [
+        "debug", str(float_path), str(quant_path), "-d", str(_npz(tmp_path)), "--json", str(out), "--top", "3",
+    ])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert "sorted by injected" in lines[0]
+    assert lines[3].split()[:2] == ["1", "a1"]  # rank 1 is the hostile layer's output
+    document = json.loads(out.read_text())
+    jsonschema.validate(document, schema)
+    assert document["tensors"][0]["tensor"] == "a1"
+    # A broken document is refused (the schema constrains, it does not accept anything).
+    broken = dict(document, tensors=[dict(document["tensors"][0], sqnr_db="high")])
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(broken, schema)
+
+
+def _npz(tmp_path: Path, n: int = 16) -> Path:
+    path = tmp_path / "data.npz"
+    np.savez(path, **tiny_data(n, seed=7))
+    return path
+
+
+EVIL = '<script>alert(1)</script>"&'
+
+
+def _evil_models(toolkit: ortq.Toolkit, tmp_path: Path) -> tuple[Path, Path]:
+    model = tiny_cnn()
+    for node in model.graph.node:
+        for i, name in enumerate(node.output):
+            if name == "r1":
+                node.output[i] = EVIL
+        for i, name in enumerate(node.input):
+            if name == "r1":
+                node.input[i] = EVIL
+        if node.name == "relu":
+            node.name = EVIL + "node"
+    return _quantize(toolkit, model, tmp_path, "evil")
+
+
+def test_html_is_self_contained_and_escaped(toolkit: ortq.Toolkit, tmp_path: Path) -> None:
+    float_path, quant_path = _evil_models(toolkit, tmp_path)
+    report = debug_models(float_path, quant_path, tiny_data(8))
+    assert any(r.tensor == EVIL for r in report.tensors)
+    page = report.to_html()
+    assert EVIL not in page and "&lt;script&gt;alert(1)&lt;/script&gt;&quot;&amp;" in page
+    assert page.count("<script>") == 1  # only the sorting script
+    assert "http://" not in page and "https://" not in page and "src=\"//" not in page
+    try:
+        import matplotlib  # noqa: F401
+        assert "data:image/png;base64," in page
+    except ImportError:
+        assert "needs matplotlib" in page
+
+
+def test_html_without_matplotlib_says_so(hostile: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    report = debug_models(*hostile, tiny_data(8))
+    for module in ("matplotlib", "matplotlib.figure"):
+        monkeypatch.setitem(sys.modules, module, None)  # makes the import raise ImportError
+    page = report.to_html()
+    assert "needs matplotlib" in page and "pip install 'ortq[report]'" in page
+    assert "data:image/png" not in page and '<table id="tensors">' in page
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="chromium is not installed")
+def test_html_opens_in_headless_chromium(toolkit: ortq.Toolkit, tmp_path: Path) -> None:
+    float_path, quant_path = _evil_models(toolkit, tmp_path)
+    page = tmp_path / "report.html"
+    page.write_text(debug_models(float_path, quant_path, tiny_data(8)).to_html(sort="order"), encoding="utf-8")
+    # Clicking the "SQNR dB" header must run the sorting script without errors: do it on load.
+    with page.open("a", encoding="utf-8") as f:
+        f.write("<script>document.querySelectorAll('#tensors th')[8].click();"
+                "document.body.setAttribute('data-sorted', document.querySelector('#tensors th[data-dir]') ? "
+                "'yes' : 'no');</script>\n")
+    profile = tmp_path / "profile"
+    result = subprocess.run(
+        ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", f"--user-data-dir={profile}", "--enable-logging=stderr",
+         "--v=0", "--dump-dom", page.as_uri()],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    dom = result.stdout
+    assert '<table id="tensors">' in dom and 'data-sorted="yes"' in dom
+    console = [line for line in result.stderr.splitlines() if "CONSOLE" in line or "Uncaught" in line]
+    assert not console, console
+    # The sorted DOM lists rows by ascending SQNR.
+    rows = dom.split("<tbody>")[1].split("</tbody>")[0].split("<tr")[1:]
+    sqnr = [float(r.split('data-v="')[9].split('"')[0] or "inf") for r in rows]
+    assert sqnr == sorted(sqnr) and len(sqnr) >= 4
+
+
+def test_cli_table_sort_and_html(hostile: tuple[Path, Path], tmp_path: Path) -> None:
+    float_path, quant_path = hostile
+    cli = build_cli(ortq.Toolkit(autoload=False))
+    html_path = tmp_path / "r.html"
+    result = CliRunner().invoke(cli, ["debug", str(float_path), str(quant_path), "-d", str(_npz(tmp_path)),
+                                      "--sort", "order", "--top", "0", "--html", str(html_path)])
+    assert result.exit_code == 0, result.output
+    assert "sorted by order" in result.output and html_path.is_file()
+    body = result.output.splitlines()[3:]
+    ranked = [line.split()[1] for line in body if line.split() and line.split()[0].isdigit()]
+    assert ranked.index("x") < ranked.index("a1") < ranked.index("a2")
+
+
+def test_bad_inputs_fail_clearly(toolkit: ortq.Toolkit, tmp_path: Path, hostile: tuple[Path, Path]) -> None:
+    float_path, quant_path = hostile
+    cli = build_cli(ortq.Toolkit(autoload=False))
+    data = _npz(tmp_path)
+    runner = CliRunner()
+
+    corrupt = tmp_path / "corrupt.onnx"
+    corrupt.write_bytes(b"\x08\x07garbage" * 10)
+    result = runner.invoke(cli, ["debug", str(float_path), str(corrupt), "-d", str(data)])
+    assert result.exit_code == 1 and "corrupt.onnx" in result.output
+
+    # A float model given as the quantized one: nothing is quantized.
+    result = runner.invoke(cli, ["debug", str(float_path), str(float_path), "-d", str(data)])
+    assert result.exit_code == 1 and "no quantized tensors" in result.output
+
+    # Another model's quantization: same input, nothing else matches.
+    other = tiny_cnn()
+    for node in other.graph.node:
+        node.name = "other_" + node.name
+        node.output[:] = ["o_" + o for o in node.output]
+        node.input[:] = ["o_" + i if i != "x" else i for i in node.input]
+    other.graph.output[0].name = "o_y"
+    for init in other.graph.initializer:
+        init.name = "o_" + init.name
+    _, other_q = _quantize(toolkit, other, tmp_path, "other")
+    with pytest.raises(ortq.ModelError, match="only its inputs match"):
+        debug_models(tiny_cnn(), other_q, tiny_data(4))
+
+    # Models reading different inputs.
+    renamed = hostile_cnn()
+    renamed.graph.input[0].name = "image"
+    renamed.graph.node[0].input[0] = "image"
+    with pytest.raises(ortq.ModelError, match="inputs differ"):
+        debug_models(renamed, quant_path, tiny_data(4))
+
+    with pytest.raises(ortq.ConfigError, match="unknown sort key"):
+        debug_models(float_path, quant_path, tiny_data(4)).sorted("best")
+    result = runner.invoke(cli, ["debug", str(float_path), str(quant_path), "-d", str(tmp_path / "missing.npz")])
+    assert result.exit_code == 1 and "missing.npz" in result.output
+
+
+def test_statistics_stream_over_batches(hostile: tuple[Path, Path]) -> None:
+    """Sums over 20 batches give the same weights rows and close activation numbers as over 2."""
+    few = debug_models(*hostile, tiny_data(16, seed=2), batch_size=8)
+    many = debug_models(*hostile, tiny_data(160, seed=2), batch_size=8, max_samples=160)
+    assert many.samples == 160 and many.batches == 20
+    a = {r.tensor: r for r in few.tensors}
+    b = {r.tensor: r for r in many.tensors}
+    assert a.keys() == b.keys()
+    for name in a:
+        if a[name].kind == "weight":
+            assert a[name].sqnr_db == b[name].sqnr_db
+        elif math.isfinite(a[name].sqnr_db):
+            assert abs(a[name].sqnr_db - b[name].sqnr_db) < 6
