@@ -132,9 +132,10 @@ class EvaluationReport:
         lines.append(f"size: float {self.float_size / 1024:.1f} KiB, quantized {self.quantized_size / 1024:.1f} KiB{ratio}")
         if self.float_latency_ms is not None and self.quantized_latency_ms is not None:
             speed = self.float_latency_ms / self.quantized_latency_ms if self.quantized_latency_ms else float("inf")
+            threads = f"{self.intra_op_threads} intra-op thread(s)" if self.intra_op_threads else "default threads"
             lines.append(
                 f"latency: float {self.float_latency_ms:.3f} ms, quantized {self.quantized_latency_ms:.3f} ms "
-                f"(float/quantized {speed:.2f}x) at batch {self.latency_batch}, {self.intra_op_threads} intra-op thread(s), "
+                f"(float/quantized {speed:.2f}x) at batch {self.latency_batch}, {threads}, "
                 f"median of {self.latency_runs} interleaved runs"
             )
         return "\n".join(lines)

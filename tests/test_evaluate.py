@@ -234,8 +234,9 @@ def test_cli_labels_from_the_data_and_json_on_stdout(toolkit: ortq.Toolkit, cnn_
 
 
 # -- errors --------------------------------------------------------------------------------------------------
-def _matmul_model(outputs: tuple[str, ...] = ("y",), input_name: str = "x") -> onnx.ModelProto:
-    weight = numpy_helper.from_array(np.random.default_rng(0).standard_normal((8, 5)).astype(np.float32), "w")
+def _matmul_model(outputs: tuple[str, ...] = ("y",), input_name: str = "x", scale: float = 1.0) -> onnx.ModelProto:
+    weight = (np.random.default_rng(0).standard_normal((8, 5)) * scale).astype(np.float32)
+    weight = numpy_helper.from_array(weight, "w")
     nodes = [helper.make_node("MatMul", [input_name, "w"], [outputs[0]])]
     nodes += [helper.make_node("Relu", [outputs[0]], [name]) for name in outputs[1:]]
     graph = helper.make_graph(nodes, "mm", [helper.make_tensor_value_info(input_name, TensorProto.FLOAT, ["N", 8])],
@@ -270,6 +271,11 @@ def test_defaults_skip_top1_without_a_class_axis_and_options_reach_the_metric(to
     x = {"x": np.random.default_rng(1).standard_normal((20, 8)).astype(np.float32)}
     report = toolkit.evaluate(model, model, x, metrics=["cosine:output=r", ("sqnr", {"output": "r"})], latency_runs=0)
     assert [m.label for m in report.metrics] == ["cosine:output=r", "sqnr:output=r"]
+    # A metric instance (not registered anywhere) is used as given, copied for the float baseline.
+    halved = {"x": x["x"][:10]}
+    worst = toolkit.evaluate(model, _matmul_model(("y", "r"), scale=0.5), halved, metrics=[WorstError()], latency_runs=0)
+    expected = np.max(np.abs(run(model, halved)[0].astype(np.float64) * 0.5))
+    assert worst["mine"].float_value == 0.0 and worst["mine"].quantized_value == pytest.approx(expected, rel=1e-6)
     scalar_out = helper.make_model(
         helper.make_graph([helper.make_node("ReduceSum", ["x"], ["s"], keepdims=0)], "sum",
                           [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
