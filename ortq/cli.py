@@ -107,6 +107,49 @@ def _make_image_options(image_size: str | None, image_resize: str | None, image_
         raise click.BadParameter(str(exc)) from None
 
 
+_ACCURACY_FLAGS = ("min_sqnr", "max_drop", "metric", "eval_data", "labels", "max_rank_trials")
+
+
+def _accuracy_flags(command: Any) -> Any:
+    """Accuracy-driven quantization: keep the most damaging tensors float until the target holds."""
+    options = [
+        click.option("--min-sqnr", type=float, default=None, help="Accuracy target: output SQNR (dB) at least this."),
+        click.option("--max-drop", type=float, default=None,
+                     help="Accuracy target: --metric may drop at most this much from the float model's score."),
+        click.option("--metric", default="top1", show_default=True,
+                     help="Metric plugin for --max-drop, as name or name:key=value,... (see `ortq plugins`)."),
+        click.option("--eval-data", type=click.Path(path_type=Path), default=None,
+                     help="Held-out data to score trials on (default: the calibration data, which flatters)."),
+        click.option("--labels", default=None, metavar="FILE|NAME",
+                     help="Labels of the evaluation samples (.npy/.npz file, or an array's name in the --eval-data "
+                          ".npz), for label metrics such as accuracy."),
+        click.option("--max-rank-trials", type=click.IntRange(min=1), default=64, show_default=True,
+                     help="At most this many tensors are ranked by a trial each (the rest by injected noise)."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _accuracy_target(min_sqnr: float | None, max_drop: float | None, metric: str, eval_data: Path | None,
+                     labels: str | None, max_rank_trials: int) -> Any:
+    if min_sqnr is None and max_drop is None:
+        if eval_data is not None or labels is not None:
+            raise click.UsageError("--eval-data/--labels are for accuracy-driven quantization (--min-sqnr or --max-drop)")
+        return None
+    if min_sqnr is not None and max_drop is not None:
+        raise click.UsageError("give one accuracy target: --min-sqnr or --max-drop")
+    from .accuracy_driven import AccuracyTarget
+    from .evaluate import parse_metric_spec
+
+    if min_sqnr is not None:
+        target = AccuracyTarget("sqnr", min_value=min_sqnr)
+    else:
+        name, options = parse_metric_spec(metric)
+        target = AccuracyTarget(name, max_drop=max_drop, metric_options=options)
+    return target, eval_data, labels, max_rank_trials
+
+
 def _session_options(command: Any) -> Any:
     """The calibration session's execution providers and threads (observers work on any provider)."""
     command = click.option("--provider", multiple=True, metavar="NAME",
@@ -178,6 +221,7 @@ def build_cli(toolkit: Toolkit) -> click.Group:
     @click.option("--tensor-overrides", type=click.Path(dir_okay=False, path_type=Path), default=None,
                   help="JSON file of per-tensor overrides in ONNX Runtime's TensorQuantOverrides format (quant_type, "
                        "scale + zero_point, symmetric, reduce_range, rmin, rmax, axis).")
+    @_accuracy_flags
     @_session_options
     @_image_flags
     @click.pass_context
@@ -190,10 +234,13 @@ def build_cli(toolkit: Toolkit) -> click.Group:
                  intra_op_threads: int | None, quant_format: str, **image_flags: Any) -> None:
         """Quantize MODEL: statically to QDQ form (from calibration data or a saved calibration state), or
         dynamically (--mode dynamic) to ONNX Runtime's DynamicQuantizeMatMul without calibration."""
+        target_spec = _accuracy_target(**{k: image_flags.pop(k) for k in _ACCURACY_FLAGS})
         tensor_overrides = image_flags.pop("tensor_overrides")
-        if tensor_overrides is not None and mode == "dynamic":
-            raise click.UsageError("--tensor-overrides applies to static quantization")
+        if tensor_overrides is not None and (mode == "dynamic" or target_spec is not None):
+            raise click.UsageError("--tensor-overrides applies to static quantization without --min-sqnr/--max-drop")
         if mode == "dynamic":
+            if target_spec is not None:
+                raise click.UsageError("--min-sqnr/--max-drop need static quantization (calibration data)")
             if target != "cpu":
                 raise click.UsageError("--mode dynamic targets ONNX Runtime's CPU provider only (--target cpu)")
             if calibration_state is not None:
@@ -214,6 +261,27 @@ def build_cli(toolkit: Toolkit) -> click.Group:
             tensor_overrides is not None and calibration_data is None  # given parameters may need no data
         ):
             raise click.UsageError("give exactly one of --calibration-data and --calibration-state")
+        if target_spec is not None:
+            accuracy, eval_data, labels, max_rank_trials = target_spec
+            if calibration_state is not None:
+                raise click.UsageError("--min-sqnr/--max-drop calibrate once themselves; give --calibration-data")
+            found = toolkit.quantize_to_target(
+                model, output, target=accuracy, calibration_data=calibration_data, eval_data=eval_data,
+                labels=labels, max_rank_trials=max_rank_trials, backend=target, calibrate_method=calibrate_method,
+                providers=list(provider) or None, backend_options=_key_values(backend_option) or None,
+                image_options=_make_image_options(**image_flags),
+                calibrator_options=_key_values(calibrator_option) or None, activation_type=activation_type,
+                weight_type=weight_type, per_channel=per_channel, activation_symmetric=activation_symmetric,
+                weight_symmetric=weight_symmetric, reduce_range=reduce_range, op_types_to_quantize=_csv(op_types),
+                nodes_to_quantize=_csv(nodes_to_quantize), nodes_to_exclude=_csv(nodes_to_exclude),
+                batch_size=batch_size, max_samples=max_samples, extreme_range=extreme_range, quant_format=quant_format,
+            )
+            click.echo(found.result.summary())
+            click.echo(found.summary())
+            click.echo(f"wrote {found.result.output}")
+            if not found.met:
+                raise OrtqError(f"the accuracy target {accuracy.describe()} was not met (best: {found.final_value:.4g})")
+            return
         with _progress(calibration_data, max_samples) as bar:
             result = toolkit.quantize(
                 model, output, calibration_data=calibration_data, calibration_state=calibration_state,

@@ -225,6 +225,13 @@ class Toolkit:
 
         return quantize_dynamic(self, model, output, **options)
 
+    def quantize_to_target(self, model: Any, output: Any = None, **options: Any):  # noqa: ANN201
+        """Static quantization that keeps the fewest sensitive tensors float until an accuracy target holds;
+        see :func:`ortq.accuracy_driven.quantize_to_target`."""
+        from .accuracy_driven import quantize_to_target
+
+        return quantize_to_target(self, model, output, **options)
+
     def quantize_qat(self, model: Any, output: Any = None, **options: Any):  # noqa: ANN201 - see ortq.qat
         """Validate and complete an already quantized (QAT) model; see :func:`ortq.qat.quantize_qat`."""
         from .qat import quantize_qat
