@@ -91,7 +91,7 @@ _CHANNEL_FIRST_OPS = {
 # matching
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class MatchedTensor:
     """An integer tensor of the quantized model, how to dequantize it, and the float tensor it stands for."""
 
@@ -579,24 +579,9 @@ def debug_models(
         log.debug("shape inference of %s failed: %s", flabel, exc)
     _check_same_inputs(fmodel, qmodel, flabel, qlabel)
 
-    matches, unmatched = match_tensors(fmodel, qmodel)
-    if not matches:
-        has_quant = any(n.op_type == "DequantizeLinear" or n.op_type.startswith("QLinear") for n in qmodel.graph.node)
-        if not has_quant:
-            raise ModelError(f"{qlabel}: has no quantized tensors (no DequantizeLinear or QLinear* node); is it quantized?")
-        raise ModelError(
-            f"{qlabel}: none of its {len(unmatched)} quantized tensor(s) matches a tensor of {flabel} "
-            f"(first: {unmatched[:3]}); is it a quantization of that model?"
-        )
-    if unmatched and all(m.float_name in GraphIndex(fmodel).graph_inputs for m in matches):
-        raise ModelError(
-            f"{qlabel}: only its inputs match {flabel}; none of its other {len(unmatched)} quantized tensor(s) "
-            f"matches a tensor of {flabel} (first: {unmatched[:3]}); is it a quantization of that model?"
-        )
-    for name in unmatched:
-        log.info("%s: quantized tensor %r has no float counterpart in %s", qlabel, name, flabel)
-
     fidx = GraphIndex(fmodel)
+    matches, unmatched = match_tensors(fmodel, qmodel)
+    _check_matches(matches, unmatched, fidx, qmodel, flabel, qlabel)
     position = {id(n): i for i, n in enumerate(fmodel.graph.node)}
     runner = _Runner(fidx, GraphIndex(qmodel), matches, flabel, qlabel, providers)
     rows = runner.weights(position)
@@ -605,6 +590,25 @@ def debug_models(
     )
     rows += runner.activation_rows(stats, position)
     return DebugReport(flabel, qlabel, samples, batches, rows, unmatched)
+
+
+def _check_matches(matches: list[MatchedTensor], unmatched: list[str], fidx: GraphIndex, qmodel: onnx.ModelProto,
+                   flabel: str, qlabel: str) -> None:
+    """Refuse pairs that cannot be compared: nothing quantized, or nothing (beyond the inputs) in common."""
+    if not matches:
+        if not any(n.op_type == "DequantizeLinear" or n.op_type.startswith("QLinear") for n in qmodel.graph.node):
+            raise ModelError(f"{qlabel}: has no quantized tensors (no DequantizeLinear or QLinear* node); is it quantized?")
+        raise ModelError(
+            f"{qlabel}: none of its {len(unmatched)} quantized tensor(s) matches a tensor of {flabel} "
+            f"(first: {unmatched[:3]}); is it a quantization of that model?"
+        )
+    if unmatched and all(m.float_name in fidx.graph_inputs for m in matches):
+        raise ModelError(
+            f"{qlabel}: only its inputs match {flabel}; none of its other {len(unmatched)} quantized tensor(s) "
+            f"matches a tensor of {flabel} (first: {unmatched[:3]}); is it a quantization of that model?"
+        )
+    for name in unmatched:
+        log.info("%s: quantized tensor %r has no float counterpart in %s", qlabel, name, flabel)
 
 
 def _check_same_inputs(fmodel: onnx.ModelProto, qmodel: onnx.ModelProto, flabel: str, qlabel: str) -> None:
@@ -636,7 +640,7 @@ class _Runner:
         self.providers = providers
         self.warned: set[str] = set()
         self.const = [m for m in matches if m.constant and fidx.is_constant(m.float_name)]
-        self.live = [m for m in matches if m not in self.const]
+        self.live = [m for m in matches if not (m.constant and fidx.is_constant(m.float_name))]
         # Float graph outputs the quantized model computes in float (no integer tensor stands for them).
         covered = {m.float_name for m in matches}
         qouts = {o.name for o in qidx.graph.output}
@@ -673,11 +677,11 @@ class _Runner:
         samples = batches_seen = 0
         for index, feed in enumerate(batches):
             fvalues = dict(zip(float_fetch, self._run(fsession, float_fetch, feed, self.flabel, index)))
-            fvalues.update({k: v for k, v in feed.items()})
+            fvalues.update(feed)
             qvalues = dict(zip(quant_fetch, self._run(qsession, quant_fetch, feed, self.qlabel, index)))
             for m in self.live:
                 ref, q = np.asarray(fvalues[m.float_name]), np.asarray(qvalues[m.name])
-                if not self._compatible(m.name, m.float_name, ref, q):
+                if ref.dtype.kind != "f" or q.dtype.kind not in "iu" or not self._compatible(m.name, m.float_name, ref, q):
                     continue
                 st = stats.setdefault(m.name, _Stats())
                 if st.count == 0:
@@ -710,14 +714,14 @@ class _Runner:
         return _channel_axis(ndim, producer.op_type if producer is not None else None)
 
     def _session(self, make_session: Any, model: onnx.ModelProto, fetch: list[str], label: str) -> Any:
-        copy = onnx.ModelProto()
-        copy.CopyFrom(model)
-        existing = {o.name for o in copy.graph.output}
+        # ``model`` is already debug_models' private copy (read_model): outputs are added to it in place rather
+        # than to yet another copy of the weights. The indexes were built before, so they are unaffected.
+        existing = {o.name for o in model.graph.output}
         for name in fetch:
             if name not in existing:
-                copy.graph.output.append(onnx.ValueInfoProto(name=name))
+                model.graph.output.append(onnx.ValueInfoProto(name=name))
         try:
-            return make_session(copy, self.providers)
+            return make_session(model, self.providers)
         except Exception as exc:
             raise ModelError(f"{label}: ONNX Runtime cannot load it: {str(exc).strip().splitlines()[0]}") from None
 
