@@ -223,6 +223,35 @@ def test_int8_activations_convert(toolkit: ortq.Toolkit) -> None:
     assert np.abs(_run(qop, calib) - _run(qdq.model, calib)).max() <= _output_step(qdq.model, "y") + 1e-6
 
 
+def test_zero_padding_pads_with_the_zero_point(toolkit: ortq.Toolkit) -> None:
+    """Pad runs on the uint8 data; its constant must become the zero point (a real 0), not integer 0."""
+    rng = np.random.default_rng(6)
+    inits = [
+        numpy_helper.from_array((rng.standard_normal((4, 3, 3, 3)) * 0.3).astype(np.float32), "w1"),
+        numpy_helper.from_array((rng.standard_normal((4, 4, 3, 3)) * 0.3).astype(np.float32), "w2"),
+        numpy_helper.from_array(np.array([0, 0, 2, 2, 0, 0, 2, 2], np.int64), "pads"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1"),
+        helper.make_node("Pad", ["c1", "pads"], ["p"], name="pad"),
+        helper.make_node("Conv", ["p", "w2"], ["y"], name="conv2"),
+    ]
+    graph = helper.make_graph(
+        nodes, "pad", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 8, 8])], inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=7)
+    data = {"x": rng.standard_normal((16, 3, 8, 8)).astype(np.float32)}
+    qdq = toolkit.quantize(model, None, calibration_data=data, op_types_to_quantize=["Conv", "Pad"], verify=False)
+    qop, left = _converted(qdq.model, toolkit)
+    assert left == {} and _ops(qop)["Pad"] == 1 and _ops(qop)["QLinearConv"] == 2, (left, _ops(qop))
+    pad = next(n for n in qop.graph.node if n.op_type == "Pad")
+    zero_point = {i.name: numpy_helper.to_array(i) for i in qop.graph.initializer}[pad.input[2]]
+    assert zero_point.dtype == np.uint8 and int(zero_point) != 0  # a signed range: the real 0 is mid-scale
+    a, b = _run(qdq.model, data), _run(qop, data)
+    assert np.abs(a - b).max() <= _output_step(qdq.model, "y") + 1e-6
+
+
 # -- third-party op quantizers provide either format through the same interface ------------------------------
 def _depth_to_space_model() -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
     rng = np.random.default_rng(5)

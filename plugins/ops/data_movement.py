@@ -83,6 +83,27 @@ class PadQuantizer(OpQuantizer):
             return NodePlan(outputs={0: SameAs(0)})
         return self.extend_chain(node, ctx)
 
+    def qoperator(self, node: onnx.NodeProto, q: QOperatorContext) -> list[onnx.NodeProto] | LeaveFloat:
+        """Pad on the integer data; a real 0 is the zero point there, so constant padding pads with it."""
+        if q.attribute(node, "mode", b"constant") not in (b"constant", "constant"):
+            return run_on_quantized(node, q)
+        if q.opset() < 11:
+            return LeaveFloat("before opset 11 the pad value is a float attribute, not a tensor of the data's type")
+        value = q.constant_value(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        if value is not None and value.size and float(value.reshape(-1)[0]) != 0.0:
+            return LeaveFloat("a non-zero pad value has no exact integer code")
+        if len(node.input) > 2 and node.input[2] and value is None:
+            return LeaveFloat("its pad value is computed at run time")
+        kernels = run_on_quantized(node, q)
+        x = q.input(0)
+        if isinstance(kernels, LeaveFloat) or x is None or not x.per_tensor:
+            return kernels if isinstance(kernels, LeaveFloat) else LeaveFloat("its input is quantized per channel")
+        pad = kernels[0]
+        while len(pad.input) < 3:
+            pad.input.append("")
+        pad.input[2] = x.zero_point
+        return kernels
+
 
 @hookimpl
 def ortq_register_op_quantizers(register):
