@@ -39,7 +39,7 @@ from onnx import TensorProto, helper, numpy_helper
 from .errors import ConfigError, ModelError
 from .graph import FreshNames, GraphIndex, node_label
 from .model_io import check_output_path, infer_shapes, model_opset, model_size, read_model, staged_save
-from .scheme import QuantParams, QuantSpec, QuantType, quantize_array
+from .scheme import QuantSpec, QuantType, quantize_array
 from .verify import VerificationReport, verify_model
 
 if TYPE_CHECKING:
@@ -380,10 +380,11 @@ def _quantize_bias(
     if values is None or values.ndim != 1:
         fill.left[bias] = f"{where} is not a 1-D constant; left float"
         return
+    source = _weight_source(w, fill.index)
     if w.node.output[0] in fill.filled_weights:
         rank: int | None = fill.filled_weights[w.node.output[0]]
-    elif fill.index.is_constant(w.node.input[0]):
-        shape = fill.index.shape(w.node.input[0])
+    elif source is not None:
+        shape = fill.index.shape(source)
         rank = len(shape) if shape is not None else None
     else:
         fill.left[bias] = f"{where}: the weight is not a quantized constant; left float"
@@ -410,6 +411,20 @@ def _quantize_bias(
     )
     _rewire(consumer, slot, dq.output[0])
     fill.filled[bias] = f"{where} became int32 (scale = input scale x weight scale, zero point 0)"
+
+
+def _weight_source(w: QdqParams, index: GraphIndex) -> str | None:
+    """The constant behind a weight's DQ: its integer input, or the float constant a QuantizeLinear
+    quantizes in front of it (PyTorch exports fake-quantized weights as float -> Q -> DQ). None if the
+    weight is computed."""
+    data = w.node.input[0]
+    if index.is_constant(data):
+        return data
+    producer = index.producer.get(data)
+    if producer is not None and _is_qdq(producer) and producer.op_type == "QuantizeLinear":
+        if index.is_constant(producer.input[0]):
+            return producer.input[0]
+    return None
 
 
 def _constant_dq(

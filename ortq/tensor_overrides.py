@@ -108,7 +108,7 @@ def _parse_entry(name: str, entry: Any, label: str) -> TensorOverride:
     dicts = [entry] if isinstance(entry, Mapping) else entry
     if not isinstance(dicts, (list, tuple)) or not dicts or not all(isinstance(d, Mapping) for d in dicts):
         raise ConfigError(f"{where}: expected a dict or a non-empty list of dicts, got {entry!r}")
-    for i, d in enumerate(dicts):
+    for d in dicts:
         unknown = set(d) - OVERRIDE_KEYS
         if "convert" in unknown:
             raise ConfigError(

@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
-from conftest import run, tiny_cnn, tiny_data
+from conftest import run, tiny_cnn
 from onnx import TensorProto, helper, numpy_helper
 
 import ortq
@@ -53,6 +53,7 @@ def qat_model(**tweak: object) -> onnx.ModelProto:
         "h_scale": np.array(0.0271828, np.float32), "h_zp": np.array(131, np.uint8),
         "w3": W3, "b3": B3,
     }
+    float_w2 = tweak.pop("float_w2", False)  # PyTorch style: the float weight -> Q -> DQ in the graph
     dq_c_zp = tweak.pop("dq_c_zp", "c_zp")
     dq_c_scale = tweak.pop("dq_c_scale", "c_scale")
     w1_axis = tweak.pop("w1_axis", 0)
@@ -62,7 +63,12 @@ def qat_model(**tweak: object) -> onnx.ModelProto:
         inits[dq_c_zp] = np.array(253, np.uint8)  # the same bits as int8 -3, read as another type
     if dq_c_scale not in inits:
         inits[dq_c_scale] = np.array(0.0456, np.float32)
-    nodes = [
+    w2_nodes = []
+    if float_w2:
+        inits["w2"] = W2
+        del inits["w2_q"]
+        w2_nodes = [helper.make_node("QuantizeLinear", ["w2", "w2_scale", "w2_zp"], ["w2_q"], name="w2_Q")]
+    nodes = w2_nodes + [
         helper.make_node("QuantizeLinear", ["x", "x_scale", "x_zp"], ["x_q"], name="x_Q"),
         helper.make_node("DequantizeLinear", ["x_q", "x_scale", "x_zp"], ["x_dq"], name="x_DQ"),
         helper.make_node("DequantizeLinear", ["w1_q", "w1_scale", "w1_zp"], ["w1_dq"], name="w1_DQ", axis=w1_axis),
@@ -250,3 +256,12 @@ def test_qoperator_format_keeps_the_parameters(toolkit: ortq.Toolkit) -> None:
     assert result.left_qdq  # and says which nodes kept their Q/DQ, with reasons
     with pytest.raises(ortq.ConfigError, match="quant_format 'qlinear' is not one of qdq, qoperator"):
         toolkit.quantize_qat(model, None, quant_format="qlinear")
+
+
+def test_weights_fake_quantized_in_the_graph(toolkit: ortq.Toolkit) -> None:
+    """PyTorch exports a QAT weight as float -> QuantizeLinear -> DequantizeLinear: its bias is filled all the same."""
+    model, data = qat_model(float_w2=True), _data()
+    result = toolkit.quantize_qat(model, None, verify_data=data)
+    assert "b2" in result.filled and "w2" in {i.name for i in result.model.graph.initializer}  # the Q -> DQ stays
+    assert _qdq_params(result.model)["w2_Q"][0] == W2_SCALE
+    assert result.verification.min_sqnr_db > 35.0

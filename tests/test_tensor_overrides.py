@@ -212,3 +212,32 @@ def test_target_refuses_parameters_it_cannot_run(toolkit: ortq.Toolkit) -> None:
         tensor_overrides={"x": {"quant_type": "int8", "scale": 2.0**-5, "zero_point": 0}},
     )
     assert result.params["x"].scale == np.float32(2.0**-5)
+
+
+def test_same_overrides_give_onnxruntime_s_parameters(tmp_path: Path) -> None:
+    """One TensorQuantOverrides dict, written for onnxruntime.quantization, gives the same Q/DQ in both tools."""
+    oq = pytest.importorskip("onnxruntime.quantization")
+    model_path = tmp_path / "m.onnx"
+    onnx.save(tiny_cnn(), model_path)
+    data = tiny_data()
+
+    class Reader(oq.CalibrationDataReader):
+        def __init__(self) -> None:
+            self.feeds = iter([{"x": data["x"][i:i + 1]} for i in range(len(data["x"]))])
+
+        def get_next(self) -> dict | None:
+            return next(self.feeds, None)
+
+    overrides = {
+        "x": [{"scale": np.array(0.0123457, np.float32), "zero_point": np.array(37, np.uint8)}],
+        "g": [{"rmax": np.array(1.5, np.float32)}],
+        "r1": [{"quant_type": oq.QuantType.QUInt16}],
+    }
+    options = dict(per_channel=True, activation_type=oq.QuantType.QUInt8, weight_type=oq.QuantType.QInt8,
+                   extra_options={"TensorQuantOverrides": overrides})
+    oq.quantize_static(str(model_path), str(tmp_path / "ort.onnx"), Reader(), quant_format=oq.QuantFormat.QDQ, **options)
+    ortq.quantize_static(model_path, tmp_path / "ortq.onnx", Reader(), toolkit=ortq.Toolkit(autoload=False), **options)
+    for name in ("x", "r1", "g", "f"):
+        theirs, ours = _q_params(onnx.load(tmp_path / "ort.onnx"), name), _q_params(onnx.load(tmp_path / "ortq.onnx"), name)
+        for a, b in zip(theirs, ours):
+            assert a.dtype == b.dtype and a.tobytes() == b.tobytes(), name
