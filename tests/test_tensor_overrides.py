@@ -241,3 +241,25 @@ def test_same_overrides_give_onnxruntime_s_parameters(tmp_path: Path) -> None:
         theirs, ours = _q_params(onnx.load(tmp_path / "ort.onnx"), name), _q_params(onnx.load(tmp_path / "ortq.onnx"), name)
         for a, b in zip(theirs, ours):
             assert a.dtype == b.dtype and a.tobytes() == b.tobytes(), name
+
+
+def test_weight_range_overrides(toolkit: ortq.Toolkit) -> None:
+    """rmin/rmax on a weight replace its values' range: one range makes it per tensor, one per channel keeps axis 0."""
+    model, data = tiny_cnn(), tiny_data()
+    per_tensor = toolkit.quantize(model, None, calibration_data=data, tensor_overrides={"w2": {"rmin": -2.0, "rmax": 2.0}})
+    p = per_tensor.params["w2"]
+    assert not p.per_channel and p.scale == np.float32(2.0 / 127) and p.zero_point == 0  # the cpu weights stay symmetric
+    w2 = np.abs(numpy_helper.to_array(model.graph.initializer[2]))
+    assert w2.max() < 2.0
+    limits = [float(w2[c].max()) * (1.1 + 0.1 * c) for c in range(5)]  # cover each channel, odd margins
+    channels = [{"axis": 0, "rmin": -limits[0], "rmax": limits[0]}] + [{"rmin": -v, "rmax": v} for v in limits[1:]]
+    per_channel = toolkit.quantize(model, None, calibration_data=data, tensor_overrides={"w2": channels})
+    np.testing.assert_array_equal(per_channel.params["w2"].scale, (np.array(limits) / 127).astype(np.float32))
+    # The stored weight is the float one rounded on the given grid: within half a step per channel, no clipping.
+    inits = _inits(per_channel.model)
+    scale, _ = _q_params(per_channel.model, "w2")
+    dequantized = inits["w2_quantized"].astype(np.float32) * scale[:, None]
+    weights = numpy_helper.to_array(model.graph.initializer[2])
+    assert np.all(np.abs(dequantized - weights) <= scale[:, None] / 2 * (1 + 1e-6))
+    ref = run(model, data)[0]
+    assert sqnr_db(ref, run(per_channel.model, data)[0]) > 30.0 and sqnr_db(ref, run(per_tensor.model, data)[0]) > 30.0
