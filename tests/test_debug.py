@@ -369,3 +369,39 @@ def test_statistics_stream_over_batches(hostile: tuple[Path, Path]) -> None:
             assert a[name].sqnr_db == b[name].sqnr_db
         elif math.isfinite(a[name].sqnr_db):
             assert abs(a[name].sqnr_db - b[name].sqnr_db) < 6
+
+
+def test_qat_style_fake_quantized_weights() -> None:
+    """A QAT export keeps float weights and fake-quantizes them in the graph (initializer -> Q -> DQ): the
+    weight is still matched to the float initializer, reported as a weight, and its numbers come from the run."""
+    f = tiny_cnn()
+    q = onnx.ModelProto()
+    q.CopyFrom(f)
+    g = q.graph
+    w = numpy_helper.to_array(next(i for i in g.initializer if i.name == "w1"))
+    scales = (np.abs(w).reshape(8, -1).max(1) / 127).astype(np.float32)
+    g.initializer.extend([
+        numpy_helper.from_array(scales, "w1_s"), numpy_helper.from_array(np.zeros(8, np.int8), "w1_z"),
+        numpy_helper.from_array(np.array(0.02, np.float32), "r1_s"), numpy_helper.from_array(np.array(0, np.uint8), "r1_z"),
+    ])
+    nodes = list(g.node)
+    del g.node[:]
+    g.node.extend([
+        helper.make_node("QuantizeLinear", ["w1", "w1_s", "w1_z"], ["w1_q"], name="w1_fq_q", axis=0),
+        helper.make_node("DequantizeLinear", ["w1_q", "w1_s", "w1_z"], ["w1_fq"], name="w1_fq_dq", axis=0),
+        nodes[0], nodes[1],
+        helper.make_node("QuantizeLinear", ["r1", "r1_s", "r1_z"], ["r1_q"], name="r1_fq_q"),
+        helper.make_node("DequantizeLinear", ["r1_q", "r1_s", "r1_z"], ["r1_fq"], name="r1_fq_dq"),
+        *nodes[2:],
+    ])
+    g.node[2].input[1] = "w1_fq"
+    g.node[6].input[0] = "r1_fq"
+    onnx.checker.check_model(q)
+    report = debug_models(f, q, tiny_data(8))
+    rows = {r.tensor: r for r in report.tensors}
+    assert rows.keys() == {"w1", "r1", "y"}
+    assert rows["w1"].kind == "weight" and rows["w1"].per_channel and rows["w1"].matched_by == "quantize-input"
+    assert rows["w1"].sqnr_db > 35 and rows["w1"].injected_sqnr_db == pytest.approx(rows["w1"].sqnr_db, abs=1e-6)
+    assert rows["w1"].elements == w.size  # fetched once: the 8 samples are one batch
+    assert rows["r1"].clipped_fraction > 0  # a 0.02 step tops out at 5.1: the larger ReLU outputs clip
+    assert rows["y"].kind == "output" and rows["y"].quantized_tensor is None
