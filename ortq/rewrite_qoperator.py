@@ -15,7 +15,7 @@ The helpers below are what the built-in op quantizers build their kernels from.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import onnx
@@ -203,12 +203,14 @@ def convert_to_qoperator(model: onnx.ModelProto, toolkit: Toolkit) -> dict[str, 
 
     params = _Parameters(index, add_constant)
     left: dict[str, str] = {}
-    replacements: dict[int, list[onnx.NodeProto]] = {}
-    removed: set[int] = set()
+    # Nodes are keyed by their outputs (unique in a valid graph), not by id(): protobuf runtimes need not
+    # hand out the same Python object for a node on every access.
+    replacements: dict[tuple[str, ...], list[onnx.NodeProto]] = {}
+    removed: set[tuple[str, ...]] = set()
     renames: dict[str, str] = {}
 
     for node in graph.node:
-        if id(node) in removed or _is_qdq(node) or node.op_type == "Constant":
+        if _key(node) in removed or _is_qdq(node) or node.op_type == "Constant":
             continue
         inputs = [params.from_dq(index.producer.get(t)) if t else None for t in node.input]
         outputs: list[QuantizedTensor | None] = []
@@ -242,25 +244,25 @@ def convert_to_qoperator(model: onnx.ModelProto, toolkit: Toolkit) -> dict[str, 
             left[node.name] = result.reason
             continue
         _check_outputs(node, result, outputs, folded, q.absorbed, index, params, quantizer_cls.__name__)
-        replacements[id(node)] = result
+        replacements[_key(node)] = result
         for qs in out_qs:
-            removed.update(id(x) for x in qs)
+            removed.update(_key(x) for x in qs)
             renames.update({x.output[0]: qs[0].output[0] for x in qs[1:]})
         written = {o for k in result for o in k.output}
         for extra in (*folded, *q.absorbed):
-            removed.add(id(extra))
+            removed.add(_key(extra))
             if extra.output[0] in written:
                 continue  # the kernel writes the absorbed node's float output; its Q stays
             _, qs = params.from_q(extra.output[0])
-            removed.update(id(x) for x in qs)
+            removed.update(_key(x) for x in qs)
             renames.update({x.output[0]: qs[0].output[0] for x in qs[1:]})
 
     nodes = list(graph.node)
     del graph.node[:]
     for node in nodes:
-        if id(node) in removed:
+        if _key(node) in removed:
             continue
-        for new in replacements.get(id(node), [node]):
+        for new in replacements.get(_key(node), [node]):
             for i, tensor in enumerate(new.input):
                 if tensor in renames:
                     new.input[i] = renames[tensor]
@@ -268,6 +270,7 @@ def convert_to_qoperator(model: onnx.ModelProto, toolkit: Toolkit) -> dict[str, 
     graph.initializer.extend(new_initializers)
     _drop_dead_qdq(graph)
     drop_unused_constants(graph)
+    _drop_stale_value_info(graph)
     if any(n.domain == MS_DOMAIN for n in graph.node) and not any(o.domain == MS_DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
     for name, reason in left.items():
@@ -278,7 +281,7 @@ def convert_to_qoperator(model: onnx.ModelProto, toolkit: Toolkit) -> dict[str, 
 class _Parameters:
     """Reads Q/DQ nodes as :class:`QuantizedTensor`s, adding explicit zero points where they had none."""
 
-    def __init__(self, index: GraphIndex, add_constant) -> None:  # noqa: ANN001
+    def __init__(self, index: GraphIndex, add_constant: Callable[[str, np.ndarray], str]) -> None:
         self.index = index
         self.add_constant = add_constant
         self._zero_points: dict[tuple[str, int], str] = {}
@@ -348,6 +351,10 @@ class _Parameters:
             if ot is None or not qt.same_parameters(ot):
                 return None, []
         return qt, list(readers)
+
+
+def _key(node: onnx.NodeProto) -> tuple[str, ...]:
+    return tuple(node.output)
 
 
 def _is_qdq(node: onnx.NodeProto) -> bool:
@@ -426,12 +433,12 @@ def _check_outputs(
     """A replacement must write every tensor the rest of the graph reads: a plugin bug is caught here,
     naming the node, not later as an unrunnable model."""
     written = {o for k in kernels for o in k.output}
-    gone = {id(n) for n in (*folded, *absorbed)}
+    gone = {_key(n) for n in (*folded, *absorbed)}
     needed = []
     for j, name in enumerate(node.output):
         if outputs[j] is not None:
             needed.append(outputs[j].name)
-        elif name and (name in index.graph_outputs or any(id(r) not in gone for r in index.consumers.get(name, []))):
+        elif name and (name in index.graph_outputs or any(_key(r) not in gone for r in index.consumers.get(name, []))):
             needed.append(name)
     for extra in absorbed:
         qt, _ = params.from_q(extra.output[0])
@@ -440,6 +447,15 @@ def _check_outputs(
     missing = [n for n in needed if n not in written]
     if missing:
         raise PluginError(f"{plugin}.qoperator() replaced node {node_label(node)} without writing {missing}")
+
+
+def _drop_stale_value_info(graph: onnx.GraphProto) -> None:
+    """Shape information about float tensors the kernels replaced would describe tensors that no longer exist."""
+    live = {x for n in graph.node for x in (*n.input, *n.output)}
+    keep = [vi for vi in graph.value_info if vi.name in live]
+    if len(keep) != len(graph.value_info):
+        del graph.value_info[:]
+        graph.value_info.extend(keep)
 
 
 def _drop_dead_qdq(graph: onnx.GraphProto) -> None:

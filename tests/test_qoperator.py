@@ -23,7 +23,10 @@ from ortq.metrics import sqnr_db
 from ortq.rewrite_qoperator import convert_to_qoperator, run_on_quantized
 
 from conftest import tiny_cnn, tiny_data
-from models import matmul_bias, resnet_like, run_float, transformer_block
+from models import (
+    conv_concat, conv_maxpool_conv, conv_reshape_transpose_conv, conv_resize_conv, matmul_bias, resnet_like, run_float,
+    transformer_block,
+)
 
 FLOAT_COMPUTE = {"Conv", "MatMul", "Gemm"}
 
@@ -221,6 +224,61 @@ def test_int8_activations_convert(toolkit: ortq.Toolkit) -> None:
     qop, left = _converted(qdq.model, toolkit)
     assert _ops(qop)["QLinearConv"] == 1 and _ops(qop)["QGemm"] == 1, _ops(qop)
     assert np.abs(_run(qop, calib) - _run(qdq.model, calib)).max() <= _output_step(qdq.model, "y") + 1e-6
+
+
+@pytest.mark.parametrize("activation_type", ["uint8", "int8"])
+def test_activation_pooling_and_softmax_kernels(toolkit: ortq.Toolkit, activation_type: str) -> None:
+    """LeakyRelu, Sigmoid, AveragePool and Softmax (quantized on request) become their com.microsoft kernels."""
+    rng = np.random.default_rng(7)
+    inits = [
+        numpy_helper.from_array((rng.standard_normal((8, 3, 3, 3)) * 0.3).astype(np.float32), "w1"),
+        numpy_helper.from_array((rng.standard_normal((8, 8, 3, 3)) * 0.3).astype(np.float32), "w2"),
+        numpy_helper.from_array((rng.standard_normal((8, 8, 1, 1)) * 0.3).astype(np.float32), "w3"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("LeakyRelu", ["c1"], ["l"], name="leaky", alpha=0.1),
+        helper.make_node("Conv", ["l", "w2"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
+        helper.make_node("Sigmoid", ["c2"], ["s"], name="sigmoid"),
+        helper.make_node("AveragePool", ["s"], ["a"], name="avg", kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node("Conv", ["a", "w3"], ["c3"], name="conv3"),
+        helper.make_node("Softmax", ["c3"], ["y"], name="softmax", axis=1),
+    ]
+    graph = helper.make_graph(
+        nodes, "acts", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8, 4, 4])], inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=7)
+    data = {"x": rng.standard_normal((16, 3, 8, 8)).astype(np.float32)}
+    qdq = toolkit.quantize(
+        model, None, calibration_data=data, activation_type=activation_type, verify=False,
+        op_types_to_quantize=["Conv", "LeakyRelu", "Sigmoid", "AveragePool", "Softmax"],
+    )
+    qop, left = _converted(qdq.model, toolkit)
+    ops = _ops(qop)
+    assert left == {}
+    for kernel in ("QLinearLeakyRelu", "QLinearSigmoid", "QLinearAveragePool", "QLinearSoftmax"):
+        assert ops[kernel] == 1, ops
+    a, b = _run(qdq.model, data), _run(qop, data)
+    assert np.abs(a - b).max() <= _output_step(qdq.model, "y") + 1e-6
+    (reference,) = run_float(model, data)
+    assert sqnr_db(reference, b) > 25.0
+
+
+@pytest.mark.parametrize(
+    ("builder", "kernel"),
+    [(conv_concat, "QLinearConcat"), (conv_maxpool_conv, "MaxPool"), (conv_resize_conv, "Resize"),
+     (conv_reshape_transpose_conv, "Transpose")],
+)
+def test_concat_and_data_movement_between_convs(toolkit: ortq.Toolkit, builder, kernel: str) -> None:  # noqa: ANN001
+    """QLinearConcat requantizes its inputs; MaxPool, Resize, Reshape and Transpose run on the uint8 data."""
+    model, calib, evaluation = builder()
+    qdq = toolkit.quantize(model, None, calibration_data=calib, verify=False)
+    qop, left = _converted(qdq.model, toolkit)
+    ops = _ops(qop)
+    assert left == {} and ops[kernel] >= 1 and ops["DequantizeLinear"] == 1 and not ops.keys() & FLOAT_COMPUTE, ops
+    a, b = _run(qdq.model, evaluation), _run(qop, evaluation)
+    assert np.abs(a - b).max() <= _output_step(qdq.model, "output") + 1e-6
 
 
 def test_zero_padding_pads_with_the_zero_point(toolkit: ortq.Toolkit) -> None:
