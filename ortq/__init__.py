@@ -81,6 +81,8 @@ __all__ = [
     "ConfigError",
     "PluginError",
     "VerificationError",
+    "preprocess",
+    "PreprocessResult",
     "debug_models",
     "DebugReport",
 ]
@@ -99,4 +101,6 @@ def quantize_qat(model: Any, output: Any = None, **options: Any):  # noqa: ANN20
 from .compat import CalibrationDataReader, CalibrationMethod, QuantFormat, quantize_dynamic, quantize_static  # noqa: E402
 # Bound after the submodule import so ``ortq.evaluate`` is the function (the module stays importable by name).
 from .evaluate import EvaluationReport, MetricResult, evaluate  # noqa: E402
+# Likewise ``ortq.preprocess`` is the function; ``from ortq.preprocess import ...`` still reaches the module.
+from .preprocess import PreprocessResult, preprocess  # noqa: E402
 from .debug import DebugReport, debug_models  # noqa: E402

@@ -499,6 +499,31 @@ def build_cli(toolkit: Toolkit) -> click.Group:
                 write_file_atomic(path, text + "\n")
                 click.echo(f"wrote {path}")
 
+    @cli.command()
+    @click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+    @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Model to write.")
+    @click.option("--opset", type=click.IntRange(min=13), default=None, help="Upgrade to this opset (default: at least 13).")
+    @click.option("--dynamic-batch/--keep-batch", default=False, show_default=True, help="Make axis 0 of inputs and outputs symbolic.")
+    @click.option("--shape-inference/--no-shape-inference", default=True, show_default=True)
+    @click.option("--symbolic/--no-symbolic", default=True, show_default=True,
+                  help="ONNX Runtime's symbolic shape inference where ONNX's leaves shapes unknown (needs sympy).")
+    @click.option("--fold-constants/--no-fold-constants", default=True, show_default=True)
+    @click.option("--fold-batch-norm/--no-fold-batch-norm", default=True, show_default=True)
+    @click.option("--fold-add-bias/--no-fold-add-bias", default=True, show_default=True)
+    @click.option("--ort-level", type=click.Choice(["none", "basic", "extended", "all"]), default="none", show_default=True,
+                  help="ONNX Runtime graph optimizations; extended/all are refused (they fuse into ops quantizers cannot plan).")
+    def preprocess(model: Path, output: Path, opset: int | None, dynamic_batch: bool, shape_inference: bool, symbolic: bool,
+                   fold_constants: bool, fold_batch_norm: bool, fold_add_bias: bool, ort_level: str) -> None:
+        """Prepare MODEL for quantization: opset, shapes, constant and BatchNormalization folding."""
+        from .preprocess import preprocess as run_preprocess
+
+        result = run_preprocess(
+            model, output, opset=opset, dynamic_batch=dynamic_batch, shape_inference=shape_inference, symbolic=symbolic,
+            fold_constants=fold_constants, fold_batch_norm=fold_batch_norm, fold_add_bias=fold_add_bias, ort_level=ort_level,
+        )
+        click.echo(result.summary())
+        click.echo(f"wrote {result.output}")
+
     # New built-in commands go above this line, one block each (preprocess, debug, evaluate, ...).
 
     @cli.group()

@@ -181,6 +181,9 @@ def _prepare(
         proto = infer_shapes(proto)  # path-based above the protobuf limit
     except Exception as exc:  # shape inference is a help, never a requirement
         log.warning("%s: shape inference failed (%s); tensors of unknown type stay float", label, exc)
+    from .preprocess import warn_if_not_preprocessed  # one warning per run, only if `ortq preprocess` would help
+
+    warn_if_not_preprocessed(proto, label)
     return _Prepared(
         backend, config, proto, float_bytes, label, digest, loaded.external_data, loaded.external_files
     )
