@@ -507,6 +507,13 @@ def upgrade_opset(model: onnx.ModelProto, target: int, label: str = "model") -> 
     if current >= target:
         return model
     log.warning("%s uses opset %d; converting it to opset %d for quantization", label, current, target)
+    if model.ir_version < 4:
+        listed = {vi.name for vi in model.graph.input}
+        if any(init.name not in listed for init in model.graph.initializer):
+            # IR 3 lists every initializer among the inputs, and the converter rejects one that is not
+            # ("Input w is undefined"). A model that no longer lists them (ortq unlists them after its
+            # first upgrade, so they stay constants) is IR 4 in form: say so.
+            model.ir_version = 4
     try:
         converted = onnx.version_converter.convert_version(model, target)
     except Exception as exc:  # the converter raises bare RuntimeErrors with C++ messages

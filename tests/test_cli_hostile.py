@@ -26,6 +26,7 @@ import onnx
 import pytest
 from click.testing import CliRunner
 from conftest import run, tiny_cnn, tiny_data
+from models import opset9_conv_relu
 from onnx import TensorProto, helper, numpy_helper
 from test_external_data import _cnn as external_cnn
 from test_external_data import _data as external_data_feeds
@@ -436,36 +437,46 @@ def _duplicate_node_names() -> onnx.ModelProto:
     return _model(nodes, [_x()], [_out("y", ["N", 4, 8, 8])], [_conv_w("w1", 1), _conv_w("w2", 2)])
 
 
+def _with_data(build: Callable[[], onnx.ModelProto]) -> Callable[[], tuple[onnx.ModelProto, dict[str, np.ndarray]]]:
+    return lambda: (build(), _data())
+
+
 VALID_CASES = {
-    "opset7": lambda: _opset7_cnn(ir=4),
-    "opset7-ir3": lambda: _opset7_cnn(ir=3),
-    "subgraphs-if-loop-scan": _subgraph_model,
-    "unknown-domain-op": _unknown_domain_op,
-    "unknown-shapes": _unknown_shapes,
-    "initializer-shadowing-input": _shadowing_initializer,
-    "duplicate-node-names": _duplicate_node_names,
+    "opset7": _with_data(lambda: _opset7_cnn(ir=4)),
+    "opset7-ir3": _with_data(lambda: _opset7_cnn(ir=3)),
+    "opset9": lambda: opset9_conv_relu()[:2],
+    "subgraphs-if-loop-scan": _with_data(_subgraph_model),
+    "unknown-domain-op": _with_data(_unknown_domain_op),
+    "unknown-shapes": _with_data(_unknown_shapes),
+    "initializer-shadowing-input": _with_data(_shadowing_initializer),
+    "duplicate-node-names": _with_data(_duplicate_node_names),
 }
+#: Integer ops that show a node was quantized, per mode (dynamic mode is asked to take Conv too).
+QUANTIZED_OPS = {"static": {"QuantizeLinear"}, "dynamic": {"ConvInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat"}}
 
 
+@pytest.mark.parametrize("mode", ["static", "dynamic"])
 @pytest.mark.parametrize("case", sorted(VALID_CASES))
-def test_unusual_valid_models_quantize(tmp_path: Path, case: str) -> None:
-    model = VALID_CASES[case]()
+def test_unusual_valid_models_quantize(tmp_path: Path, case: str, mode: str) -> None:
+    model, feeds = VALID_CASES[case]()
     inputs_dir, out_dir = tmp_path / "in", tmp_path / "out"
     inputs_dir.mkdir()
     out_dir.mkdir()
     path = _tiny(inputs_dir, model)
-    feeds = _data()
     data = _npz(inputs_dir, **feeds)
     before = _snapshot(inputs_dir)
     out = out_dir / "q.onnx"
-    result = CliRunner().invoke(build_cli(ortq.Toolkit(autoload=False)), ["quantize", str(path), "-o", str(out), "-d", str(data)])
+    args = ["quantize", str(path), "-o", str(out), "-d", str(data)]
+    if mode == "dynamic":
+        args += ["--mode", "dynamic", "--op-types", "Conv,Gemm,MatMul"]
+    result = CliRunner().invoke(build_cli(ortq.Toolkit(autoload=False)), args)
     assert result.exit_code == 0, result.output
     assert f"wrote {out}" in result.stdout
     assert _snapshot(inputs_dir) == before
     assert sorted(p.name for p in out_dir.iterdir()) == ["q.onnx"]
     onnx.checker.check_model(str(out), full_check=True)
     quantized = onnx.load(str(out))
-    assert any(n.op_type == "QuantizeLinear" for n in quantized.graph.node), "nothing was quantized"
+    assert {n.op_type for n in quantized.graph.node} & QUANTIZED_OPS[mode], "nothing was quantized"
     if case == "duplicate-node-names":  # ONNX Runtime refuses the float original: compare with a renamed copy
         for i, node in enumerate(model.graph.node):
             node.name = f"n{i}"
