@@ -18,13 +18,19 @@ and crushes every other channel to zero still scores a fine whole-tensor SQNR.
 Matching a quantized tensor to its float counterpart works on the structure first and the names second
 (see :func:`match_tensors`), so ortq's models, ONNX Runtime's quantizer's (``_QuantizeLinear_Output`` /
 ``_DequantizeLinear_Output``), QOperator models (QLinearConv, QLinearMatMul, com.microsoft QLinearAdd ...,
-whose integer outputs are dequantized here with the scale and zero point their consumer reads) and QAT
-exports all match where the information is there. Statistics are streamed batch by batch (sums only),
-so memory does not grow with the number of samples.
+whose integer outputs are dequantized here with the scale and zero point their producer writes), dynamic
+quantization (DynamicQuantizeLinear's per-batch scale is fetched with each batch; the int8 weights of
+MatMulIntegerToFloat / DynamicQuantizeMatMul are matched; the float tensors those kernels write are
+compared by name) and QAT exports all match where the information is there. Statistics are streamed batch
+by batch (sums only), so memory does not grow with the number of samples.
+
+Not covered: blocked quantization (DequantizeLinear ``block_size``), ConvInteger / MatMulInteger (no scale
+in the node) and contrib QLinear ops outside :data:`_QOPERATOR`: their tensors are not compared.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -103,6 +109,9 @@ class MatchedTensor:
     elem_type: int  # ONNX element type of the integer tensor
     constant: bool  # an initializer / Constant of the quantized model (computed in numpy, never run)
     matched_by: str  # how the counterpart was found: "quantize-input", "name", "consumer", "producer"
+    # Dynamic quantization: scale and zero point computed at run time (DynamicQuantizeLinear's outputs),
+    # fetched with every batch; ``scale`` / ``zero_point`` are then placeholders until the batch is known.
+    runtime_params: tuple[str, str | None] | None = None
 
     @property
     def qrange(self) -> tuple[int, int]:
@@ -167,7 +176,7 @@ def match_tensors(float_model: onnx.ModelProto, quantized_model: onnx.ModelProto
     qnames = set(qidx.producer) | set(qidx.initializers) | qidx.graph_inputs
     found: list[MatchedTensor] = []
     unmatched: list[str] = []
-    for name, (scale, zero_point, axis) in _quantized_tensors(qidx).items():
+    for name, (scale, zero_point, axis, runtime) in _quantized_tensors(qidx).items():
         elem_type = _integer_type(qidx, name, zero_point)
         if elem_type not in _INTEGER_RANGES:
             unmatched.append(name)
@@ -183,7 +192,7 @@ def match_tensors(float_model: onnx.ModelProto, quantized_model: onnx.ModelProto
         found.append(MatchedTensor(
             name=name, float_name=float_name, scale=scale, zero_point=np.asarray(zero_point),
             axis=axis if scale.size > 1 else None, elem_type=elem_type,
-            constant=qidx.is_constant(name), matched_by=how,
+            constant=qidx.is_constant(name), matched_by=how, runtime_params=runtime,
         ))
     return found, unmatched
 
@@ -206,6 +215,7 @@ def _folded_activation(name: str, zero_point: np.ndarray, elem_type: int, fidx: 
 
 # QOperator signatures: (input positions of (tensor, scale, zero point) triples, output (scale, zero point)
 # positions or None, bias position or None). Ops not listed here are not read (their tensors stay unmatched).
+# Dynamic-quantization kernels state their constant weight's parameters at other positions (_DYNAMIC_WEIGHTS).
 _QOPERATOR: dict[str, tuple[tuple[int, ...], tuple[int, int] | None, int | None]] = {
     "QLinearConv": ((0, 3), (6, 7), 8),
     "QLinearMatMul": ((0, 3), (6, 7), None),
@@ -220,9 +230,18 @@ _QOPERATOR: dict[str, tuple[tuple[int, ...], tuple[int, int] | None, int | None]
 }
 
 
-def _quantized_tensors(qidx: GraphIndex) -> dict[str, tuple[np.ndarray, np.ndarray | None, int]]:
-    """Integer tensor -> (scale, zero point or None, per-channel axis), first statement in graph order wins."""
-    out: dict[str, tuple[np.ndarray, np.ndarray | None, int]] = {}
+#: (weight, scale, zero point) input positions of ONNX Runtime's dynamic kernels; weights are per column.
+_DYNAMIC_WEIGHTS = {"MatMulIntegerToFloat": (1, 3, 5), "DynamicQuantizeMatMul": (1, 2, 3)}
+#: Integer kernels that write float: their outputs are compared by name with the float model's.
+FLOAT_OUTPUT_KERNELS = frozenset({"MatMulIntegerToFloat", "DynamicQuantizeMatMul"})
+
+_Site = tuple[np.ndarray, "np.ndarray | None", int, "tuple[str, str | None] | None"]
+
+
+def _quantized_tensors(qidx: GraphIndex) -> dict[str, _Site]:
+    """Integer tensor -> (scale, zero point or None, per-channel axis, run-time parameter names or None);
+    the first statement in graph order wins."""
+    out: dict[str, _Site] = {}
 
     def add(tensor: str, scale_name: str, zp_name: str | None, axis: int) -> None:
         if not tensor or tensor in out:
@@ -231,12 +250,21 @@ def _quantized_tensors(qidx: GraphIndex) -> dict[str, tuple[np.ndarray, np.ndarr
         zero_point = qidx.constant_value(zp_name) if zp_name else None
         if scale is None or scale.dtype.kind != "f" or (zero_point is not None and zero_point.dtype.kind not in "iu"):
             return
-        out[tensor] = (np.asarray(scale), zero_point, axis)
+        out[tensor] = (np.asarray(scale), zero_point, axis, None)
 
     def arg(node: onnx.NodeProto, i: int) -> str | None:
         return node.input[i] if i < len(node.input) and node.input[i] else None
 
     for node in qidx.graph.node:
+        if node.op_type == "DynamicQuantizeLinear" and len(node.output) == 3 and node.output[0] not in out:
+            # uint8, per tensor, scale and zero point chosen per batch: placeholders until run time.
+            out[node.output[0]] = (np.ones((), np.float32), np.zeros((), np.uint8), 0, (node.output[1], node.output[2]))
+            continue
+        if node.op_type in _DYNAMIC_WEIGHTS:
+            w, sc, zp = _DYNAMIC_WEIGHTS[node.op_type]
+            if arg(node, w) and arg(node, sc) and qidx.is_constant(node.input[w]):
+                add(node.input[w], node.input[sc], arg(node, zp), -1)
+            continue
         if node.op_type == "DequantizeLinear":
             if int(qidx.attribute(node, "block_size", 0) or 0):
                 continue  # blocked quantization: scales per block, not covered here
@@ -265,7 +293,7 @@ def _quantized_tensors(qidx: GraphIndex) -> dict[str, tuple[np.ndarray, np.ndarr
             s_in, s_w = qidx.constant_value(node.input[1]), qidx.constant_value(node.input[4])
             if s_in is not None and s_w is not None and node.input[bias] not in out:
                 scale = (s_in.astype(np.float64) * s_w.astype(np.float64)).astype(np.float32)
-                out[node.input[bias]] = (scale, None, 0)
+                out[node.input[bias]] = (scale, None, 0, None)
     return out
 
 
@@ -289,7 +317,7 @@ def _strip(name: str) -> str | None:
 def _counterpart(name: str, fidx: GraphIndex, qidx: GraphIndex, float_tensors: set[str]) -> tuple[str, str] | None:
     producer = qidx.producer.get(name)
     # 1. the QuantizeLinear's float input
-    if producer is not None and producer.op_type == "QuantizeLinear":
+    if producer is not None and producer.op_type in ("QuantizeLinear", "DynamicQuantizeLinear"):
         source = producer.input[0]
         for candidate in (source, _strip(source)):
             if candidate in float_tensors:
@@ -313,7 +341,7 @@ def _counterpart(name: str, fidx: GraphIndex, qidx: GraphIndex, float_tensors: s
                 if tensor == out and pos < len(twin.input) and twin.input[pos] in float_tensors:
                     return twin.input[pos], "consumer"
     # 4. the producing node exists in the float model (QOperator ops)
-    if producer is not None and producer.op_type not in ("QuantizeLinear", "DequantizeLinear"):
+    if producer is not None and producer.op_type not in ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"):
         base = _NODE_SUFFIXES.sub("", producer.name) if producer.name else ""
         twin = fnodes.get(producer.name) or fnodes.get(base)
         if twin is not None:
@@ -438,7 +466,9 @@ class TensorComparison:
 
     tensor: str  # the float model's name
     quantized_tensor: str | None  # the integer tensor in the quantized model (None: an unquantized output)
-    kind: str  # "activation", "weight", or "output" (a graph output the quantized model leaves float)
+    # "activation", "weight" (biases too), "output" (a graph output the quantized model leaves float) or
+    # "float" (a float tensor an integer kernel writes, e.g. MatMulIntegerToFloat in dynamic quantization)
+    kind: str
     node: str | None  # the float model's producer (activations) or first consumer (weights)
     op_type: str | None
     order: int  # position of that node in the float graph (graph order)
@@ -452,7 +482,7 @@ class TensorComparison:
     clipped_fraction: float | None  # share of float values outside the quantizer's representable range
     float_min: float
     float_max: float
-    scale: float | None  # the quantizer's scale (the largest one when per-channel)
+    scale: float | None  # the quantizer's scale (the largest one when per-channel; None when set per batch)
     zero_point: int | None
     per_channel: bool
     quant_type: str | None
@@ -596,8 +626,10 @@ def _check_matches(matches: list[MatchedTensor], unmatched: list[str], fidx: Gra
                    flabel: str, qlabel: str) -> None:
     """Refuse pairs that cannot be compared: nothing quantized, or nothing (beyond the inputs) in common."""
     if not matches:
-        if not any(n.op_type == "DequantizeLinear" or n.op_type.startswith("QLinear") for n in qmodel.graph.node):
-            raise ModelError(f"{qlabel}: has no quantized tensors (no DequantizeLinear or QLinear* node); is it quantized?")
+        ops = {n.op_type for n in qmodel.graph.node}
+        if not (ops & ({"DequantizeLinear", "DynamicQuantizeLinear"} | FLOAT_OUTPUT_KERNELS | _QOPERATOR.keys())):
+            raise ModelError(f"{qlabel}: has no quantized tensors (no DequantizeLinear, QLinear* or dynamic integer "
+                             "kernel); is it quantized?")
         raise ModelError(
             f"{qlabel}: none of its {len(unmatched)} quantized tensor(s) matches a tensor of {flabel} "
             f"(first: {unmatched[:3]}); is it a quantization of that model?"
@@ -641,10 +673,13 @@ class _Runner:
         self.warned: set[str] = set()
         self.const = [m for m in matches if m.constant and fidx.is_constant(m.float_name)]
         self.live = [m for m in matches if not (m.constant and fidx.is_constant(m.float_name))]
-        # Float graph outputs the quantized model computes in float (no integer tensor stands for them).
+        # Float tensors of the quantized model compared by name (no integer tensor stands for them): graph
+        # outputs, and what integer kernels that write float (dynamic quantization) produce.
         covered = {m.float_name for m in matches}
         qouts = {o.name for o in qidx.graph.output}
-        self.float_outputs = [o.name for o in fidx.graph.output if o.name not in covered and o.name in qouts]
+        names = [o.name for o in fidx.graph.output if o.name in qouts]
+        names += [o for n in qidx.graph.node if n.op_type in FLOAT_OUTPUT_KERNELS for o in n.output if o in fidx.producer]
+        self.float_outputs = list(dict.fromkeys(n for n in names if n not in covered))
 
     # -- weights: both sides are constants, compared once in numpy
     def weights(self, position: dict[int, int]) -> list[TensorComparison]:
@@ -670,7 +705,8 @@ class _Runner:
 
         inputs = self.fidx.graph_inputs
         float_fetch = sorted({m.float_name for m in self.live if m.float_name not in inputs} | set(self.float_outputs))
-        quant_fetch = sorted({m.name for m in self.live} | set(self.float_outputs))
+        runtime = {name for m in self.live if m.runtime_params for name in m.runtime_params if name}
+        quant_fetch = sorted({m.name for m in self.live} | set(self.float_outputs) | runtime)
         fsession = self._session(make_session, self.fidx.model, float_fetch, self.flabel)
         qsession = self._session(make_session, self.qidx.model, quant_fetch, self.qlabel)
         stats: dict[str, _Stats] = {}
@@ -683,6 +719,10 @@ class _Runner:
                 ref, q = np.asarray(fvalues[m.float_name]), np.asarray(qvalues[m.name])
                 if ref.dtype.kind != "f" or q.dtype.kind not in "iu" or not self._compatible(m.name, m.float_name, ref, q):
                     continue
+                if m.runtime_params:
+                    scale_name, zp_name = m.runtime_params
+                    m = dataclasses.replace(m, scale=np.asarray(qvalues[scale_name]),
+                                            zero_point=np.asarray(qvalues[zp_name]) if zp_name else np.zeros((), np.uint8))
                 st = stats.setdefault(m.name, _Stats())
                 if st.count == 0:
                     st.axis = self._activation_axis(m.float_name, ref.ndim)
@@ -750,7 +790,8 @@ class _Runner:
         for name in self.float_outputs:
             st = stats.get(f"output:{name}")
             if st is not None:
-                rows.append(self._row(None, name, "output", self.fidx.producer.get(name), position, st))
+                kind = "output" if name in self.fidx.graph_outputs else "float"
+            rows.append(self._row(None, name, kind, self.fidx.producer.get(name), position, st))
         return rows
 
     def _row(self, m: MatchedTensor | None, float_name: str, kind: str, node: onnx.NodeProto | None,
@@ -765,7 +806,7 @@ class _Runner:
         else:
             order = position.get(id(node), -1)
         scale = zp = None
-        if m is not None:
+        if m is not None and m.runtime_params is None:  # dynamic quantization: a new scale every batch
             scale = float(np.max(np.abs(m.scale)))
             zp = int(np.asarray(m.zero_point).reshape(-1)[0])
         return TensorComparison(

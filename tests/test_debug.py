@@ -405,3 +405,27 @@ def test_qat_style_fake_quantized_weights() -> None:
     assert rows["w1"].elements == w.size  # fetched once: the 8 samples are one batch
     assert rows["r1"].clipped_fraction > 0  # a 0.02 step tops out at 5.1: the larger ReLU outputs clip
     assert rows["y"].kind == "output" and rows["y"].quantized_tensor is None
+
+
+def test_dynamic_quantization(toolkit: ortq.Toolkit, tmp_path: Path) -> None:
+    """Dynamic models: activations quantized at run time are dequantized with each batch's own scale, int8
+    weights of MatMulIntegerToFloat / DynamicQuantizeMatMul are matched, and the float tensors those kernels
+    write are compared by name."""
+    from models import transformer_block
+
+    model, _, evaluation = transformer_block()
+    float_path = tmp_path / "block.onnx"
+    onnx.save(model, float_path)
+    quant_path = tmp_path / "block.dyn.onnx"
+    toolkit.quantize_dynamic(float_path, quant_path)
+    ops = {n.op_type for n in onnx.load(quant_path).graph.node}
+    assert "DynamicQuantizeLinear" in ops and "MatMulIntegerToFloat" in ops
+    report = debug_models(float_path, quant_path, evaluation, batch_size=16)
+    rows = {r.tensor: r for r in report.tensors}
+    hidden = rows["hidden"]
+    assert hidden.kind == "activation" and hidden.scale is None  # a new scale every batch
+    assert hidden.injected_sqnr_db == pytest.approx(hidden.sqnr_db, abs=1e-6) and 25 < hidden.sqnr_db < 60
+    weights = [r for r in report.tensors if r.kind == "weight"]
+    assert {"q_w", "k_w", "v_w"} <= {r.tensor for r in weights} and all(r.sqnr_db > 30 for r in weights)
+    assert rows["q_out"].kind == "float" and rows["q_out"].injected_sqnr_db is None and rows["q_out"].sqnr_db > 25
+    assert rows["output"].kind == "output"
