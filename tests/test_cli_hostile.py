@@ -3,7 +3,7 @@ no traceback, nothing left in the output folder, and the input files byte-identi
 
 Each error case builds its inputs in ``in/`` and writes (or would write) to ``out/``, which already holds a
 previous result: the run must leave both folders exactly as they were. Model-file errors are run through
-every command that reads a model (static and dynamic ``quantize``, ``calibrate``, ``export cpu``).
+every command that reads a model (static and dynamic ``quantize``, ``calibrate``, ``export cpu``, ``info``).
 Inputs that are unusual but valid (opset 7, control-flow subgraphs, unknown-domain ops, ...) must quantize
 through the CLI into a model that passes ``onnx.checker`` and stays close to float.
 
@@ -265,6 +265,8 @@ def _command(kind: str, inputs: Inputs, out_dir: Path) -> list[str]:
         return ["calibrate", str(inputs.model), "-o", str(out_dir / "state.json"), *data, *inputs.args]
     if kind == "export":
         return ["export", "cpu", str(inputs.model), "-o", str(out_dir), *data, *inputs.args]
+    if kind == "info":
+        return ["info", str(inputs.model)]
     raise AssertionError(kind)
 
 
@@ -279,7 +281,7 @@ def _fails_cleanly(tmp_path: Path, make: Callable[[Path], Inputs], kind: str, pa
     return line
 
 
-@pytest.mark.parametrize("kind", ["quantize", "dynamic", "calibrate", "export", "previous"])
+@pytest.mark.parametrize("kind", ["quantize", "dynamic", "calibrate", "export", "previous", "info"])
 @pytest.mark.parametrize("case", sorted(MODEL_CASES))
 def test_broken_model_files(tmp_path: Path, case: str, kind: str) -> None:
     make, pattern = MODEL_CASES[case]
