@@ -12,6 +12,13 @@ run time by the kernel itself, so no calibration data is needed:
   kernel measured 4x slower than float (3x3 64->64 at 56x56, one thread: 8.5 ms vs 2.1 ms; uint8
   weights 1.7 ms), so the pipeline leaves Conv float unless it is asked for by ``op_types_to_quantize``.
 
+- Gather from a constant float table (an embedding) reads the table stored as ``weight_type`` and
+  dequantizes only the rows it gathered: ``Gather(table_q, ids) -> DequantizeLinear``, per column of the
+  table with per-channel weights (the last axis survives the Gather, so one scale vector serves every
+  row). The planner leaves such Gathers float for static QDQ, where the table would be dequantized whole on
+  every run; here the dequantization is after the Gather, so the table shrinks 4x for the cost of
+  dequantizing the few rows read. The plan is updated to list these nodes as quantized.
+
 Nodes the planner left float, and planned nodes that do not fit the patterns above (N-D weights, float16,
 alpha/beta != 1), stay as they are.
 """
@@ -41,9 +48,9 @@ log = logging.getLogger(__name__)
 
 MS_DOMAIN = "com.microsoft"
 #: Ops dynamic quantization can rewrite.
-DYNAMIC_OP_TYPES = frozenset({"MatMul", "Gemm", "Conv"})
+DYNAMIC_OP_TYPES = frozenset({"MatMul", "Gemm", "Conv", "Gather"})
 #: Rewritten unless named otherwise: ConvInteger is slower than float on ONNX Runtime's CPU provider.
-DEFAULT_DYNAMIC_OP_TYPES = frozenset({"MatMul", "Gemm"})
+DEFAULT_DYNAMIC_OP_TYPES = frozenset({"MatMul", "Gemm", "Gather"})
 
 
 def rewrite_dynamic(
@@ -63,7 +70,7 @@ def rewrite_dynamic(
         values = index.constant_value(name).astype(np.float32)
         if transpose:
             values = values.T
-        axis = (0 if kind == "conv" else 1) if config.per_channel else None
+        axis = {"conv": 0, "matmul": 1, "gather": values.ndim - 1}[kind] if config.per_channel else None
         spec = QuantSpec(weight_spec.qtype, True, axis, weight_spec.reduce_range)
         p = weight_params(values, spec, name)
         key = (name, transpose, kind)
@@ -96,6 +103,19 @@ def rewrite_dynamic(
     for node in graph.node:
         if node.name in absorbed:
             continue  # its bias became the input of the DynamicQuantizeMatMul before it
+        if _embedding_gather(node, index, config):
+            q, s, z, p = quantized_weight(node.input[0], False, "gather")
+            gathered = names(f"{node.output[0]}_quantized")
+            dq_attrs = {"axis": -1} if p.per_channel else {}
+            new_nodes += [
+                helper.make_node("Gather", [q, node.input[1]], [gathered], name=node.name, axis=0),
+                helper.make_node("DequantizeLinear", [gathered, s, z], [node.output[0]],
+                                 name=names(f"{node.name}_DequantizeLinear"), **dq_attrs),
+            ]
+            params[node.input[0]] = p
+            plan.quantized_nodes[node.name] = node.op_type
+            plan.float_nodes = [f for f in plan.float_nodes if f.name != node.name]
+            continue
         reason = _unfit(node, index, plan)
         if reason is not None:
             if node.name in plan.quantized_nodes:
@@ -191,6 +211,20 @@ def _bias_adds(index: GraphIndex, plan: QuantPlan) -> dict[str, onnx.NodeProto]:
         if bias is not None and bias.ndim == 1 and bias.dtype == np.float32:
             found[node.name] = add
     return found
+
+
+def _embedding_gather(node: onnx.NodeProto, index: GraphIndex, config: QuantConfig) -> bool:
+    """A selected Gather along axis 0 of a constant float32 table of rank 2 or more."""
+    if node.op_type != "Gather" or "Gather" not in (config.op_types or ()):
+        return False
+    if node.name in config.nodes_to_exclude or (
+        config.nodes_to_quantize is not None and node.name not in config.nodes_to_quantize
+    ):
+        return False
+    if int(index.attribute(node, "axis", 0)) != 0 or node.input[0] in index.graph_outputs:
+        return False
+    table = index.constant_value(node.input[0])
+    return table is not None and table.dtype == np.float32 and table.ndim >= 2
 
 
 def _unfit(node: onnx.NodeProto, index: GraphIndex, plan: QuantPlan) -> str | None:

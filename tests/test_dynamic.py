@@ -130,3 +130,50 @@ def test_cli_dynamic_needs_no_calibration_data(tmp_path: Path, toolkit: ortq.Too
     # Static mode still insists on data.
     result = CliRunner().invoke(build_cli(toolkit), ["quantize", str(path), "-o", str(out)])
     assert result.exit_code != 0
+
+
+def _embedding_model(vocab: int = 2000, dim: int = 64, seed: int = 0) -> onnx.ModelProto:
+    """Token ids -> embedding Gather -> Linear: the front of every transformer."""
+    rng = np.random.default_rng(seed)
+    table = (rng.standard_normal((vocab, dim)) * rng.uniform(0.02, 0.5, size=dim)).astype(np.float32)
+    weight = (rng.standard_normal((dim, dim)) / np.sqrt(dim)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "ids"], ["embedded"], name="embed", axis=0),
+         helper.make_node("MatMul", ["embedded", "w"], ["hidden"], name="proj")],
+        "embedding",
+        [helper.make_tensor_value_info("ids", onnx.TensorProto.INT64, ["N", "S"])],
+        [helper.make_tensor_value_info("hidden", onnx.TensorProto.FLOAT, ["N", "S", dim])],
+        [numpy_helper.from_array(table, "table"), numpy_helper.from_array(weight, "w")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_embedding_gather_reads_an_int8_table(tmp_path: Path, toolkit: ortq.Toolkit, per_channel: bool) -> None:
+    model = _embedding_model()
+    ids = {"ids": np.random.default_rng(1).integers(0, 2000, size=(4, 16)).astype(np.int64)}
+    out = tmp_path / "dyn.onnx"
+    result = toolkit.quantize_dynamic(model, out, per_channel=per_channel, verify_data=ids)
+    assert set(result.plan.quantized_nodes) == {"embed", "proj"}
+    assert "embed" not in {f.name for f in result.plan.float_nodes}
+    q = onnx.load(out)
+    onnx.checker.check_model(q, full_check=True)
+    tables = [i for i in q.graph.initializer if i.dims == [2000, 64]]
+    assert len(tables) == 1 and tables[0].data_type == onnx.TensorProto.INT8  # the float table is gone
+    gather = next(n for n in q.graph.node if n.op_type == "Gather")
+    assert gather.input[0] == tables[0].name
+    dq = next(n for n in q.graph.node if n.op_type == "DequantizeLinear")
+    assert dq.input[0] == gather.output[0]  # only the gathered rows are dequantized
+    expected, actual = run_float(model, ids)[0], run_float(q, ids)[0]
+    assert cosine_similarity(expected, actual) > 0.999
+    assert sqnr_db(expected, actual) > (35 if per_channel else 30)
+    assert out.stat().st_size < model.ByteSize() / 3.5
+
+
+def test_embedding_gather_respects_op_types_and_exclusions(toolkit: ortq.Toolkit) -> None:
+    model = _embedding_model()
+    only_matmul = toolkit.quantize_dynamic(model, op_types_to_quantize=["MatMul"])
+    excluded = toolkit.quantize_dynamic(model, nodes_to_exclude=["embed"])
+    for result in (only_matmul, excluded):
+        assert "embed" not in result.plan.quantized_nodes
+        assert any(i.name == "table" and i.data_type == onnx.TensorProto.FLOAT for i in result.model.graph.initializer)
