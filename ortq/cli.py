@@ -173,7 +173,9 @@ def _progress(calibration_data: Path | None, max_samples: int | None) -> Any:
     from .data import count_samples
 
     total = count_samples(calibration_data, max_samples) if calibration_data is not None else 0
-    return click.progressbar(length=total or 0, label="calibrating", file=sys.stderr, show_pos=True)
+    # Only on a terminal: in a pipeline or a CI log the label would be a stray line before the result or error.
+    return click.progressbar(length=total or 0, label="calibrating", file=sys.stderr, show_pos=True,
+                             hidden=not sys.stderr.isatty())
 
 
 def build_cli(toolkit: Toolkit) -> click.Group:
@@ -449,26 +451,6 @@ def build_cli(toolkit: Toolkit) -> click.Group:
             click.echo(f"wrote {json_path}")
 
     @cli.command()
-    @click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
-    @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Completed model to write.")
-    @click.option("--format", "quant_format", type=click.Choice(["qdq", "qoperator"]), default="qdq", show_default=True)
-    @click.option("-d", "--data", "verify_data", type=click.Path(path_type=Path), default=None,
-                  help="Inputs (same forms as --calibration-data) to compare the output with the input model on.")
-    @click.option("--keep-float-weights", is_flag=True,
-                  help="Leave float weights float instead of quantizing them int8 per channel.")
-    @click.option("--batch-size", type=click.IntRange(min=1), default=None)
-    @click.option("--max-samples", type=click.IntRange(min=1), default=64, show_default=True)
-    def qat(model: Path, output: Path, quant_format: str, verify_data: Path | None, keep_float_weights: bool,
-            batch_size: int | None, max_samples: int) -> None:
-        """Check and complete an already quantized (quantization-aware-trained) MODEL without re-quantizing it."""
-        result = toolkit.quantize_qat(
-            model, output, quant_format=quant_format, verify_data=verify_data,
-            quantize_weights=not keep_float_weights, batch_size=batch_size, max_samples=max_samples,
-        )
-        click.echo(result.summary())
-        click.echo(f"wrote {result.output}")
-
-    @cli.command()
     @click.argument("float_model", type=click.Path(dir_okay=False, path_type=Path))
     @click.argument("quantized_model", type=click.Path(dir_okay=False, path_type=Path))
     @click.option("-d", "--data", required=True, type=click.Path(path_type=Path),
@@ -520,6 +502,26 @@ def build_cli(toolkit: Toolkit) -> click.Group:
         result = run_preprocess(
             model, output, opset=opset, dynamic_batch=dynamic_batch, shape_inference=shape_inference, symbolic=symbolic,
             fold_constants=fold_constants, fold_batch_norm=fold_batch_norm, fold_add_bias=fold_add_bias, ort_level=ort_level,
+        )
+        click.echo(result.summary())
+        click.echo(f"wrote {result.output}")
+
+    @cli.command()
+    @click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+    @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Completed model to write.")
+    @click.option("--format", "quant_format", type=click.Choice(["qdq", "qoperator"]), default="qdq", show_default=True)
+    @click.option("-d", "--data", "verify_data", type=click.Path(path_type=Path), default=None,
+                  help="Inputs (same forms as --calibration-data) to compare the output with the input model on.")
+    @click.option("--keep-float-weights", is_flag=True,
+                  help="Leave float weights float instead of quantizing them int8 per channel.")
+    @click.option("--batch-size", type=click.IntRange(min=1), default=None)
+    @click.option("--max-samples", type=click.IntRange(min=1), default=64, show_default=True)
+    def qat(model: Path, output: Path, quant_format: str, verify_data: Path | None, keep_float_weights: bool,
+            batch_size: int | None, max_samples: int) -> None:
+        """Check and complete an already quantized (quantization-aware-trained) MODEL without re-quantizing it."""
+        result = toolkit.quantize_qat(
+            model, output, quant_format=quant_format, verify_data=verify_data,
+            quantize_weights=not keep_float_weights, batch_size=batch_size, max_samples=max_samples,
         )
         click.echo(result.summary())
         click.echo(f"wrote {result.output}")
