@@ -20,11 +20,12 @@ The search is deterministic and bounded:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import onnx
@@ -158,6 +159,30 @@ class _Scorer:
         return self.better(self.float_value, value) <= t.max_drop  # type: ignore[operator]
 
 
+@contextlib.contextmanager
+def _each_warning_once() -> Iterator[None]:
+    """Trials rebuild the same model many times; its warnings (vetoes, preprocessing advice) say nothing new
+    after the first build. Filters do not propagate to child loggers, so each ortq logger gets one."""
+    seen: set[tuple[str, str]] = set()
+
+    def first_time(record: logging.LogRecord) -> bool:
+        key = (record.name, record.getMessage())
+        if key in seen:
+            return False
+        seen.add(key)
+        return True
+
+    loggers = [logging.getLogger(name) for name in list(logging.Logger.manager.loggerDict)
+               if name == "ortq" or name.startswith("ortq.")]
+    for logger in loggers:
+        logger.addFilter(first_time)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(first_time)
+
+
 class _Trials:
     """Builds the model with a given set of nodes kept float, always from the one calibration state."""
 
@@ -176,6 +201,7 @@ class _Trials:
         )
 
 
+@_each_warning_once()
 def quantize_to_target(
     toolkit: Toolkit,
     model: str | Path | onnx.ModelProto,

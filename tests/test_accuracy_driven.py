@@ -162,3 +162,19 @@ def test_label_accuracy_target_on_digits(toolkit: ortq.Toolkit, digits) -> None:
     assert len(found.kept) <= 3
     print(f"digits accuracy {found.float_value:.4f} float, {found.quantized_value:.4f} int8, "
           f"{found.final_value:.4f} keeping {[k.tensor for k in found.kept]} ({found.trials} trials)")
+
+
+def test_trials_repeat_no_warning(toolkit: ortq.Toolkit, hostile, caplog) -> None:
+    """Every trial rebuilds the model; what it warns about (here: an unfolded constant node) is said once."""
+    model, calibration, evaluation = hostile
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    fc = next(n for n in model.graph.node if n.name == "fc")
+    model.graph.node.insert(0, onnx.helper.make_node("Neg", ["fc_b"], ["fc_b_negated"], name="negate_bias"))
+    fc.input[2] = "fc_b_negated"
+    found = quantize_to_target(toolkit, model, target=AccuracyTarget("sqnr", min_value=30.0),
+                               calibration_data=calibration, eval_data=evaluation)
+    assert found.met and found.trials > 5
+    advice = [r for r in caplog.records if "was not preprocessed" in r.getMessage()]
+    assert len(advice) == 1
+    ortq.Toolkit(autoload=False).quantize(model, calibration_data=calibration, verify=False)
+    assert len([r for r in caplog.records if "was not preprocessed" in r.getMessage()]) == 2  # filter removed
