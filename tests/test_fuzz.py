@@ -24,7 +24,10 @@ whose output flips wherever a quantization error crosses the threshold); and a C
 than :data:`MIN_CLIP_FRACTION` of its input's range (the producer's 8-bit min/max scale leaves the kept part
 a handful of levels; ONNX Runtime's quantizer behaves the same), and for the same reason a Split or Slice
 keeping a part whose range is less than that fraction of its input's (a constant input channel at -3 beside
-channels reaching ±300: one per-tensor scale, static or dynamic, rounds the kept channel to a few steps).
+channels reaching ±300: one per-tensor scale, static or dynamic, rounds the kept channel to a few steps);
+and, most generally, a model whose output already falls below the floor when only its input is rounded to
+8 bits (:func:`_input_rounding_sqnr`: a depthwise Conv carrying a constant channel of 1.0 from a ±280 input
+to a Softmax: 6 dB with ortq's dynamic mode, 5.8 dB with ONNX Runtime's quantize_dynamic).
 
 CI runs 25 derandomized examples (deterministic); ``benchmarks/fuzz_long.py`` runs the same property with
 500 examples.
@@ -319,8 +322,21 @@ SATURATION_STD = 8.0
 MIN_CLIP_FRACTION = 1 / 16
 
 
+def _input_rounding_sqnr(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> float:
+    """The float model's output SQNR when only its input is rounded to 8 bits (one min/max scale, zero
+    included): what any quantizer that quantizes the input, static or dynamic, loses at the very least."""
+    x = feed["x"]
+    lo, hi = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
+    scale = (hi - lo) / 255 or 1.0
+    zero = np.round(-lo / scale)
+    rounded = ((np.clip(np.round(x / scale) + zero, 0, 255) - zero) * scale).astype(np.float32)
+    return min(sqnr_db(r, q) for r, q in zip(_run(model, feed), _run(model, {"x": rounded})))
+
+
 def _ill_conditioned(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> bool:
     """True if no 8-bit quantization could keep this model's output near float (see the module docstring)."""
+    if _input_rounding_sqnr(model, feed) < SQNR_FLOOR_DB:
+        return True
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     watched = [n for n in probe.graph.node if n.op_type in ("Sigmoid", "Softmax", "Clip", "Relu", "Split", "Slice")]
@@ -584,3 +600,34 @@ def test_split_keeping_a_sliver_is_ill_conditioned(tmp_path) -> None:  # noqa: A
     ort_sqnr = sqnr_db(reference, _run(onnx.load(tmp_path / "ort.onnx"), data)[0])
     our_sqnr = sqnr_db(reference, _run(ours.model, data)[0])
     assert our_sqnr < SQNR_FLOOR_DB and abs(our_sqnr - ort_sqnr) < 0.5, (our_sqnr, ort_sqnr)
+
+
+def test_output_lost_by_rounding_the_input_alone_is_ill_conditioned(tmp_path) -> None:  # noqa: ANN001
+    """Found by the 5000-example dynamic run (6 dB): x*100 with channel 1 constant at 1.0 -> depthwise Conv ->
+    Relu -> GlobalAveragePool -> Gemm -> Softmax. The constant channel is below half a step of the input's
+    8-bit scale, so it rounds to zero and the logits lose its contribution, in ONNX Runtime's dynamic
+    quantization as in ortq's: rounding the input alone already falls below the floor."""
+    from onnxruntime.quantization import quantize_dynamic
+
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], group=2, strides=[2, 2]),
+        helper.make_node("Relu", ["c"], ["r"]),
+        helper.make_node("GlobalAveragePool", ["r"], ["g"]),
+        helper.make_node("Flatten", ["g"], ["f"]),
+        helper.make_node("Gemm", ["f", "fc"], ["logits"], transB=1),
+        helper.make_node("Softmax", ["logits"], ["y"], axis=1),
+    ]
+    inits = [_f32("w", np.array([-0.0068, 1.046]).reshape(2, 1, 1, 1)), _f32("fc", [[-0.446, 0.657], [0.024, -0.506]])]
+    model = _gemm_model(nodes, [2, 9, 3], inits, 2)
+    x = np.clip(np.random.default_rng(5).standard_normal((8, 2, 9, 3)) * 100, -266.0, 289.0)
+    x[0, 0, 0, :2] = -266.0, 289.0
+    x[:, 1] = 1.0
+    data = {"x": x.astype(np.float32)}
+    assert _input_rounding_sqnr(model, data) < SQNR_FLOOR_DB and _ill_conditioned(model, data)
+    ours = ortq.Toolkit(autoload=False).quantize_dynamic(model, None, op_types_to_quantize=["Conv"])
+    onnx.save(model, tmp_path / "m.onnx")
+    quantize_dynamic(tmp_path / "m.onnx", tmp_path / "ort.onnx", op_types_to_quantize=["Conv"])
+    reference = _run(model, data)[0]
+    ort_sqnr = sqnr_db(reference, _run(onnx.load(tmp_path / "ort.onnx"), data)[0])
+    our_sqnr = sqnr_db(reference, _run(ours.model, data)[0])
+    assert our_sqnr < SQNR_FLOOR_DB and abs(our_sqnr - ort_sqnr) < 1.0, (our_sqnr, ort_sqnr)
