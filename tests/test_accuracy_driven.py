@@ -30,6 +30,8 @@ def test_hostile_layer_ranked_first_and_kept_float(toolkit: ortq.Toolkit, hostil
     model, calibration, evaluation = hostile
     plain = toolkit.quantize(model, calibration_data=calibration, verify=False)
     assert _eval_sqnr(plain.model, model, evaluation) < 10  # the hostile layer ruins plain 8-bit PTQ
+    # `ortq debug` blames the same tensor the search below keeps float.
+    assert ortq.debug_models(model, plain.model, evaluation).sorted("injected")[0].tensor == "relu_3_out"
 
     out = tmp_path / "q.onnx"
     found = quantize_to_target(
