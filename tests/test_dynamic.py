@@ -177,3 +177,123 @@ def test_embedding_gather_respects_op_types_and_exclusions(toolkit: ortq.Toolkit
     for result in (only_matmul, excluded):
         assert "embed" not in result.plan.quantized_nodes
         assert any(i.name == "table" and i.data_type == onnx.TensorProto.FLOAT for i in result.model.graph.initializer)
+
+
+def _lstm_model(
+    direction: str = "forward", bias: bool = True, initial_states: bool = True, sequence_lens: bool = True,
+    seed: int = 0, seq: int = 9, batch: int = 3, features: int = 24, hidden: int = 48, classes: int = 10,
+) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """X -> LSTM -> MatMul on the last hidden state (a sequence classifier), with the requested optional inputs."""
+    rng = np.random.default_rng(seed)
+    dirs = 2 if direction == "bidirectional" else 1
+    f32 = onnx.TensorProto.FLOAT
+    inits = [
+        numpy_helper.from_array((rng.standard_normal((dirs, 4 * hidden, features)) / np.sqrt(features)).astype(np.float32), "W"),
+        numpy_helper.from_array((rng.standard_normal((dirs, 4 * hidden, hidden)) / np.sqrt(hidden)).astype(np.float32), "R"),
+        numpy_helper.from_array((rng.standard_normal((hidden, classes)) / np.sqrt(hidden)).astype(np.float32), "head"),
+    ]
+    inputs = [helper.make_tensor_value_info("X", f32, [seq, "N", features])]
+    feed = {"X": rng.standard_normal((seq, batch, features)).astype(np.float32)}
+    lstm_in = ["X", "W", "R", "", "", "", ""]
+    if bias:
+        inits.append(numpy_helper.from_array((rng.standard_normal((dirs, 8 * hidden)) * 0.2).astype(np.float32), "B"))
+        lstm_in[3] = "B"
+    if sequence_lens:
+        inputs.append(helper.make_tensor_value_info("lens", onnx.TensorProto.INT32, ["N"]))
+        feed["lens"] = rng.integers(1, seq + 1, size=batch).astype(np.int32)
+        lstm_in[4] = "lens"
+    if initial_states:
+        for name in ("h0", "c0"):
+            inputs.append(helper.make_tensor_value_info(name, f32, [dirs, "N", hidden]))
+            feed[name] = (rng.standard_normal((dirs, batch, hidden)) * 0.5).astype(np.float32)
+        lstm_in[5:7] = ["h0", "c0"]
+    while not lstm_in[-1]:
+        lstm_in.pop()
+    graph = helper.make_graph(
+        [helper.make_node("LSTM", lstm_in, ["Y", "Y_h", "Y_c"], name="lstm", hidden_size=hidden, direction=direction),
+         helper.make_node("MatMul", ["Y_h", "head"], ["logits"], name="head_matmul")],
+        "lstm", inputs,
+        [helper.make_tensor_value_info("Y", f32, [seq, dirs, "N", hidden]),
+         helper.make_tensor_value_info("Y_c", f32, [dirs, "N", hidden]),
+         helper.make_tensor_value_info("logits", f32, [dirs, "N", classes])],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)], ir_version=8), feed
+
+
+@pytest.mark.parametrize(
+    ("direction", "bias", "initial_states", "sequence_lens", "per_channel", "weight_type"),
+    [
+        ("forward", True, True, True, False, "int8"),
+        ("bidirectional", True, True, True, True, "int8"),
+        ("reverse", False, False, False, True, "int8"),
+        ("bidirectional", False, False, True, False, "uint8"),
+    ],
+)
+def test_lstm_becomes_dynamic_quantize_lstm(
+    tmp_path: Path, toolkit: ortq.Toolkit, direction: str, bias: bool, initial_states: bool, sequence_lens: bool,
+    per_channel: bool, weight_type: str,
+) -> None:
+    model, feed = _lstm_model(direction, bias, initial_states, sequence_lens)
+    dirs, hidden, features = (2 if direction == "bidirectional" else 1), 48, 24
+    out = tmp_path / "lstm.onnx"
+    result = toolkit.quantize_dynamic(model, out, per_channel=per_channel, weight_type=weight_type, verify_data=[feed])
+    assert set(result.plan.quantized_nodes) == {"lstm", "head_matmul"} and not result.plan.float_nodes
+    q = onnx.load(out)
+    onnx.checker.check_model(q, full_check=True)
+    lstm = next(n for n in q.graph.node if n.name == "lstm")
+    assert (lstm.op_type, lstm.domain, len(lstm.input)) == ("DynamicQuantizeLSTM", "com.microsoft", 12)
+    inits = {i.name: i for i in q.graph.initializer}
+    assert "W" not in inits and "R" not in inits  # the float weights are gone
+    qtype = onnx.TensorProto.INT8 if weight_type == "int8" else onnx.TensorProto.UINT8
+    # The kernel's layout: [directions, input, 4*hidden]; scales per direction or per gate column.
+    scale_shape = [dirs, 4 * hidden] if per_channel else [dirs]
+    for position, rows in ((1, features), (2, hidden)):
+        weight = inits[lstm.input[position]]
+        assert weight.data_type == qtype and list(weight.dims) == [dirs, rows, 4 * hidden]
+    for position in (8, 9, 10, 11):
+        assert list(inits[lstm.input[position]].dims) == scale_shape
+    # Numbers: every output against the float model, and through the verifier.
+    for expected, actual in zip(run_float(model, feed), run_float(q, feed)):
+        assert cosine_similarity(expected, actual) > 0.999
+        assert sqnr_db(expected, actual) > 30
+    assert result.verification.min_sqnr_db is not None and result.verification.min_sqnr_db > 30
+    assert result.quantized_bytes < result.float_bytes / 3
+
+
+def test_lstm_with_computed_weights_stays_float_with_a_reason(toolkit: ortq.Toolkit) -> None:
+    model, feed = _lstm_model()
+    # W scaled at run time: no constant to quantize offline.
+    model.graph.node.insert(0, helper.make_node("Mul", ["W", "gain"], ["W_scaled"], name="scale_w"))
+    model.graph.initializer.append(numpy_helper.from_array(np.array(1.5, np.float32), "gain"))
+    model.graph.node[1].input[1] = "W_scaled"
+    result = toolkit.quantize_dynamic(model, verify_data=[feed])
+    assert [n.op_type for n in result.model.graph.node] == ["Mul", "LSTM", "DynamicQuantizeMatMul"]
+    reason = next(f.reason for f in result.plan.float_nodes if f.name == "lstm")
+    assert "W and R are not both constants" in reason
+    assert result.verification.min_sqnr_db > 30  # the quantized head alone
+
+
+def test_lstm_weight_types_and_layouts_the_kernel_lacks_stay_float(toolkit: ortq.Toolkit) -> None:
+    from ortq.graph import GraphIndex
+    from ortq.rewrite_dynamic import _lstm_unfit
+
+    model, feed = _lstm_model()
+    result = toolkit.quantize_dynamic(model, weight_type="int16", op_types_to_quantize=["LSTM"], verify_data=[feed])
+    assert [n.op_type for n in result.model.graph.node] == ["LSTM", "MatMul"]
+    assert "8-bit weights only" in next(f.reason for f in result.plan.float_nodes if f.name == "lstm")
+    # Batch-first LSTMs (which ONNX Runtime's CPU LSTM cannot run either) have no DynamicQuantizeLSTM form.
+    model.graph.node[0].attribute.append(helper.make_attribute("layout", 1))
+    config = toolkit.quantize_dynamic(_lstm_model()[0]).config
+    assert "layout=1" in _lstm_unfit(model.graph.node[0], GraphIndex(model), config)
+
+
+def test_lstm_respects_op_types_and_exclusions(toolkit: ortq.Toolkit) -> None:
+    model, feed = _lstm_model(direction="bidirectional")
+    for options in ({"op_types_to_quantize": ["MatMul"]}, {"nodes_to_exclude": ["lstm"]}, {"nodes_to_quantize": ["head_matmul"]}):
+        result = toolkit.quantize_dynamic(model, verify_data=[feed], **options)
+        assert [n.op_type for n in result.model.graph.node] == ["LSTM", "DynamicQuantizeMatMul"], options
+        assert "lstm" not in result.plan.quantized_nodes
+        assert any(i.name == "W" and i.data_type == onnx.TensorProto.FLOAT for i in result.model.graph.initializer)
+    only_lstm = toolkit.quantize_dynamic(model, op_types_to_quantize=["LSTM"])
+    assert [n.op_type for n in only_lstm.model.graph.node] == ["DynamicQuantizeLSTM", "MatMul"]
