@@ -423,9 +423,11 @@ def quantize_dynamic(
 
     MatMul (constant 2-D weight) and Gemm become ``com.microsoft.DynamicQuantizeMatMul``; Conv becomes
     DynamicQuantizeLinear -> ConvInteger -> rescale, but only when named in ``op_types_to_quantize``
-    (ONNX Runtime's ConvInteger is slower than float Conv; see :mod:`ortq.rewrite_dynamic`). No calibration
-    data is needed; ``verify_data`` (any calibration-data source) is only used to compare outputs with the
-    float model. The model is always checked (onnx.checker full check and an ONNX Runtime load).
+    (ONNX Runtime's ConvInteger is slower than float Conv; see :mod:`ortq.rewrite_dynamic`). An LSTM with
+    constant W and R becomes ``com.microsoft.DynamicQuantizeLSTM`` (per direction, or per gate column with
+    ``per_channel``); embedding Gathers read an int8 table. No calibration data is needed; ``verify_data``
+    (any calibration-data source) is only used to compare outputs with the float model. The model is always
+    checked (onnx.checker full check and an ONNX Runtime load).
     """
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
