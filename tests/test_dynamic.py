@@ -261,7 +261,8 @@ def test_lstm_becomes_dynamic_quantize_lstm(
     assert result.quantized_bytes < result.float_bytes / 3
 
 
-def test_lstm_with_computed_weights_stays_float_with_a_reason(toolkit: ortq.Toolkit) -> None:
+def test_lstm_with_computed_weights_stays_float_with_a_reason(toolkit: ortq.Toolkit, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("INFO", logger="ortq.rewrite_dynamic")
     model, feed = _lstm_model()
     # W scaled at run time: no constant to quantize offline.
     model.graph.node.insert(0, helper.make_node("Mul", ["W", "gain"], ["W_scaled"], name="scale_w"))
@@ -271,6 +272,7 @@ def test_lstm_with_computed_weights_stays_float_with_a_reason(toolkit: ortq.Tool
     assert [n.op_type for n in result.model.graph.node] == ["Mul", "LSTM", "DynamicQuantizeMatMul"]
     reason = next(f.reason for f in result.plan.float_nodes if f.name == "lstm")
     assert "W and R are not both constants" in reason
+    assert any("'lstm'" in r.getMessage() and reason in r.getMessage() for r in caplog.records)
     assert result.verification.min_sqnr_db > 30  # the quantized head alone
 
 
