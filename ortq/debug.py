@@ -119,14 +119,25 @@ class MatchedTensor:
 
     def dequantize(self, q: np.ndarray) -> np.ndarray:
         scale, zp = self._broadcast(q.ndim)
-        return (q.astype(np.float64) - zp) * scale
+        # In place on one float64 buffer: the same operations as (q - zp) * scale without two temporaries,
+        # which for a 224x224 feature map are 50 MB each and dominated ortq debug's time.
+        out = np.asarray(q).astype(np.float64)
+        out -= zp
+        out *= scale
+        return out
 
     def fake_quantize(self, x: np.ndarray) -> np.ndarray:
         """What QuantizeLinear then DequantizeLinear with these parameters make of float values ``x``."""
         scale, zp = self._broadcast(x.ndim)
         lo, hi = self.qrange
-        q = np.clip(np.rint(x.astype(np.float64) / scale) + zp, lo, hi)  # rint: round half to even, as ONNX
-        return (q - zp) * scale
+        # Same steps and float64 rounding as clip(rint(x / scale) + zp, lo, hi) - zp, then * scale, in place.
+        q = np.divide(x, scale, dtype=np.float64)
+        np.rint(q, out=q)  # rint: round half to even, as ONNX
+        q += zp
+        np.clip(q, lo, hi, out=q)
+        q -= zp
+        q *= scale
+        return q
 
     def clip_bounds(self, ndim: int) -> tuple[np.ndarray, np.ndarray]:
         """Float values beyond these are clipped (within half a step of the range they only round)."""
@@ -374,32 +385,54 @@ class _Stats:
 
     def update(self, ref: np.ndarray, actual: np.ndarray, injected: np.ndarray | None,
                bounds: tuple[np.ndarray, np.ndarray] | None) -> None:
-        ref = ref.astype(np.float64)
-        actual = actual.astype(np.float64)
-        err = ref - actual
-        self.signal = _accumulate(self.signal, _per_channel(ref * ref, self.axis))
-        self.noise = _accumulate(self.noise, _per_channel(err * err, self.axis))
-        self.dot += float(np.sum(ref * actual))
-        self.actual_sq += float(np.sum(actual * actual))
-        self.max_error = max(self.max_error, float(np.max(np.abs(err), initial=0.0)))
+        # Every sum is taken in float64 as before, but without the temporaries of ``(x * x)`` and of moving
+        # the channel axis first (a copy): einsum reduces a (before, channel, after) view in one pass. On
+        # the ResNet-18 shape at 224x224 this cut the statistics from 60% of ortq debug's time to ~15%.
+        # Sums are reassociated, so results agree with the plain formulas to ~1e-15 relative, not bit for bit.
+        low, high = (float(ref.min()), float(ref.max())) if ref.size else (math.inf, -math.inf)
+        ref = np.asarray(ref, dtype=np.float64)
+        actual = np.asarray(actual, dtype=np.float64)
+        err = np.subtract(ref, actual)
+        self.signal = _accumulate(self.signal, _channel_sq_sum(ref, self.axis))
+        self.noise = _accumulate(self.noise, _channel_sq_sum(err, self.axis))
+        self.dot += _dot(ref, actual)
+        self.actual_sq += _dot(actual, actual)
+        self.max_error = max(self.max_error, _max_abs(err))
+        del err
         self.count += ref.size
-        if ref.size:
-            self.float_min = min(self.float_min, float(ref.min()))
-            self.float_max = max(self.float_max, float(ref.max()))
+        self.float_min = min(self.float_min, low)
+        self.float_max = max(self.float_max, high)
         if injected is not None:
-            inj = ref - injected
-            self.injected = _accumulate(self.injected, _per_channel(inj * inj, self.axis))
-            self.max_injected = max(self.max_injected, float(np.max(np.abs(inj), initial=0.0)))
+            inj = np.subtract(ref, injected, out=injected if injected.dtype == np.float64 else None)
+            self.injected = _accumulate(self.injected, _channel_sq_sum(inj, self.axis))
+            self.max_injected = max(self.max_injected, _max_abs(inj))
         if bounds is not None:
-            lo, hi = bounds
-            self.clipped += int(np.count_nonzero((ref < lo) | (ref > hi)))
+            lo, hi = bounds  # lo < hi, so the two counts never overlap
+            self.clipped += int(np.count_nonzero(ref < lo)) + int(np.count_nonzero(ref > hi))
 
 
-def _per_channel(values: np.ndarray, axis: int | None) -> np.ndarray:
+def _channel_sq_sum(values: np.ndarray, axis: int | None) -> np.ndarray:
+    """Per-channel sums of squares along ``axis`` (one channel when None), shape ``[channels]``."""
+    values = np.ascontiguousarray(values)
     if axis is None or values.ndim == 0:
-        return np.array([values.sum()])
-    moved = np.moveaxis(values, axis, 0)
-    return moved.reshape(moved.shape[0], -1).sum(axis=1)
+        flat = values.reshape(-1)
+        return np.array([np.einsum("i,i->", flat, flat)])
+    axis %= values.ndim
+    channels = values.shape[axis]
+    view = values.reshape(int(np.prod(values.shape[:axis], dtype=np.int64)), channels, -1) if values.size else \
+        np.zeros((1, channels, 1))
+    return np.einsum("acb,acb->c", view, view)
+
+
+def _dot(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.einsum("i,i->", np.ascontiguousarray(a).reshape(-1), np.ascontiguousarray(b).reshape(-1)))
+
+
+def _max_abs(values: np.ndarray) -> float:
+    """max(|values|) in two reductions rather than a full-size abs() temporary; 0 for an empty array."""
+    if not values.size:
+        return 0.0
+    return float(max(values.max(), -values.min()))
 
 
 def _accumulate(total: np.ndarray | None, part: np.ndarray) -> np.ndarray:
