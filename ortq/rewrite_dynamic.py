@@ -1,4 +1,5 @@
-"""Stage 4 (dynamic mode): replace MatMul, Gemm, Conv, embedding Gather, LSTM and fused Attention nodes by ONNX Runtime's integer ops.
+"""Stage 4 (dynamic mode): MatMul, Gemm, Conv, embedding Gathers, LSTM and fused Attention become ONNX
+Runtime's dynamic integer ops.
 
 Weights are quantized offline (symmetric, per-tensor or per-output-channel); activations are quantized at
 run time by the kernel itself, so no calibration data is needed:
