@@ -75,7 +75,7 @@ def run_mode(mode: str, args: argparse.Namespace) -> int:
         try:
             outcome = check(case, options, sqnrs)
         except UnsatisfiedAssumption:
-            tally["skipped by assume (constant output, saturated Sigmoid/Softmax, Clip/Relu/Split/Slice keeping a sliver, input rounding alone below the floor)"] += 1
+            tally["skipped by assume (constant output, saturated Sigmoid/Softmax, Clip/Relu/Split/Slice keeping a sliver, one tensor rounded alone already below the floor)"] += 1
             raise
         except AssertionError as exc:
             if not args.survey:
