@@ -130,12 +130,11 @@ class MatchedTensor:
         """What QuantizeLinear then DequantizeLinear with these parameters make of float values ``x``."""
         scale, zp = self._broadcast(x.ndim)
         lo, hi = self.qrange
-        # Same steps and float64 rounding as clip(rint(x / scale) + zp, lo, hi) - zp, then * scale, in place.
+        # clip(rint(x / scale) + zp, lo, hi) - zp, then * scale, in place on one float64 buffer. Clipping the
+        # rounded value to [lo - zp, hi - zp] instead is the same integer arithmetic, exact in float64.
         q = np.divide(x, scale, dtype=np.float64)
         np.rint(q, out=q)  # rint: round half to even, as ONNX
-        q += zp
-        np.clip(q, lo, hi, out=q)
-        q -= zp
+        np.clip(q, lo - zp, hi - zp, out=q)
         q *= scale
         return q
 
@@ -759,6 +758,7 @@ class _Runner:
                 st = stats.setdefault(m.name, _Stats())
                 if st.count == 0:
                     st.axis = self._activation_axis(m.float_name, ref.ndim)
+                ref = np.asarray(ref, dtype=np.float64)  # once, for both the simulation and the sums
                 st.update(ref, m.dequantize(q), m.fake_quantize(ref), m.clip_bounds(ref.ndim))
             for name in self.float_outputs:
                 ref, actual = np.asarray(fvalues[name]), np.asarray(qvalues[name])
