@@ -191,10 +191,19 @@ def _broadcastable(params: QuantParams, ndim: int) -> tuple[np.ndarray, np.ndarr
 def quantize_array(values: np.ndarray, params: QuantParams) -> np.ndarray:
     """Quantize ``values`` exactly as ONNX QuantizeLinear does (round half to even, saturate)."""
     # float32 division, as ONNX Runtime's kernel does: float64 would round differently near .5 for 16-bit.
+    # In place on one working copy: a weight of N floats costs N more floats here, not the 3x in float64
+    # that chained temporaries cost, and that was the peak of quantizing a large model.
     scale, zero_point = _broadcastable(params, values.ndim)
     info = np.iinfo(params.qtype.numpy_dtype)
-    q = np.rint(values.astype(np.float32) / scale).astype(np.float64) + zero_point
-    return np.clip(q, info.min, info.max).astype(params.qtype.numpy_dtype)
+    q = np.array(values, dtype=np.result_type(np.float32, scale.dtype), copy=True)
+    np.divide(q, scale, out=q)
+    np.rint(q, out=q)
+    if info.bits > 16:  # float32 holds integers exactly only up to 2**24
+        q = q.astype(np.float64)
+    # Exact while |q| < 2**24; beyond that the value saturates in the clip either way.
+    np.add(q, zero_point, out=q, casting="unsafe")
+    np.clip(q, info.min, info.max, out=q)
+    return q.astype(params.qtype.numpy_dtype)
 
 
 def dequantize_array(values: np.ndarray, params: QuantParams) -> np.ndarray:
