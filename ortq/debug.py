@@ -132,7 +132,7 @@ class MatchedTensor:
         lo, hi = self.qrange
         # clip(rint(x / scale) + zp, lo, hi) - zp, then * scale, in place on one float64 buffer. Clipping the
         # rounded value to [lo - zp, hi - zp] instead is the same integer arithmetic, exact in float64.
-        q = np.divide(x, scale, dtype=np.float64)
+        q = np.asarray(np.divide(x, scale, dtype=np.float64))  # a 0-d result is a scalar: make it writable
         np.rint(q, out=q)  # rint: round half to even, as ONNX
         np.clip(q, lo - zp, hi - zp, out=q)
         q *= scale

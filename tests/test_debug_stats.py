@@ -97,3 +97,24 @@ def test_streamed_sums_equal_the_plain_formulas(shape: tuple[int, ...], qaxis: i
         assert (stats.float_min, stats.float_max) == (float(allv.min()), float(allv.max()))
     else:
         assert (stats.float_min, stats.float_max) == (np.inf, -np.inf)
+
+
+@pytest.mark.parametrize("value", [0.7, -3.2, 1e9, 0.0])
+def test_scalar_tensors(value: float) -> None:
+    """A 0-d tensor (a scalar weight such as an attention scale, as ONNX Runtime quantizes it) goes through
+    the same simulation and sums as any other."""
+    m = _matched(np.array(0.02, np.float32), np.array(-3, np.int8), None, onnx.TensorProto.INT8)
+    ref = np.array(value, np.float32)
+    s, z = np.float64(np.float32(0.02)), -3.0
+    fake = m.fake_quantize(ref)
+    assert fake.shape == () and fake == (np.clip(np.rint(np.float64(ref) / s) + z, -128, 127) - z) * s
+    q = np.array(np.clip(np.rint(np.float64(ref) / s) + z, -128, 127), np.int8)
+    actual = m.dequantize(q)
+    assert actual.shape == () and actual == (np.float64(q) - z) * s
+    stats = _Stats()
+    stats.update(ref, actual, fake, m.clip_bounds(0))
+    err = np.float64(ref) - actual
+    assert stats.signal.tolist() == [np.float64(ref) ** 2] and stats.noise.tolist() == [err * err]
+    assert stats.max_error == abs(err) and stats.count == 1
+    assert stats.clipped == int(value < (-128 - z - 0.5) * s or value > (127 - z + 0.5) * s)
+    assert stats.clipped == int(abs(value) > 2)  # -3.2 and 1e9 lie beyond [-2.51, 2.61]
