@@ -25,7 +25,6 @@ here. :func:`quantize_qat` instead:
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import time
 from dataclasses import dataclass, field
@@ -39,6 +38,7 @@ from onnx import TensorProto, helper, numpy_helper
 from .errors import ConfigError, ModelError
 from .graph import FreshNames, GraphIndex, node_label
 from .model_io import check_output_path, infer_shapes, model_opset, model_size, read_model, staged_save
+from .rewrite_qoperator import convert_to_qoperator
 from .scheme import QuantSpec, QuantType, quantize_array
 from .verify import VerificationReport, verify_model
 
@@ -536,11 +536,7 @@ def quantize_qat(
         log.info("%s: %s", label, why)
     left_qdq: dict[str, str] = {}
     if fmt == "qoperator":
-        if importlib.util.find_spec("ortq.rewrite_qoperator") is None:
-            raise ConfigError("QOperator conversion (ortq.rewrite_qoperator) is not available in this installation")
-        from .rewrite_qoperator import convert_to_qoperator  # type: ignore[import-not-found]
-
-        left_qdq = dict(convert_to_qoperator(proto, toolkit))
+        left_qdq = convert_to_qoperator(proto, toolkit)
     timings["fill"] = time.perf_counter() - t1
 
     t2 = time.perf_counter()

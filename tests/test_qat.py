@@ -241,7 +241,6 @@ def test_completed_matmul_bias_fuses_into_qgemm(toolkit: ortq.Toolkit, tmp_path:
 
 
 def test_qoperator_format_keeps_the_parameters(toolkit: ortq.Toolkit) -> None:
-    pytest.importorskip("ortq.rewrite_qoperator")
     model, data = qat_model(), _data()
     result = toolkit.quantize_qat(model, None, quant_format="qoperator", verify_data=data)
     ops = [n.op_type for n in result.model.graph.node]
