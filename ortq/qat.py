@@ -33,11 +33,12 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto
 
 from .errors import ConfigError, ModelError
 from .graph import FreshNames, GraphIndex, node_label
 from .model_io import check_output_path, infer_shapes, model_opset, model_size, read_model, staged_save
+from .rewrite_qdq import _constant_dq as _qdq_constant_dq, drop_unused_constants
 from .rewrite_qoperator import convert_to_qoperator
 from .scheme import QuantSpec, QuantType, quantize_array
 from .verify import VerificationReport, verify_model
@@ -308,8 +309,6 @@ def _fill_missing(model: onnx.ModelProto, found: dict[str, QdqParams], quantize_
         nodes = list(model.graph.node)
         del model.graph.node[:]
         model.graph.node.extend(fill.head + nodes)
-        from .rewrite_qdq import drop_unused_constants
-
         drop_unused_constants(model.graph)
     return fill.filled, fill.left
 
@@ -338,7 +337,7 @@ def _quantize_weight(fill: _Fill, node: onnx.NodeProto, axis: int | None) -> Qdq
     q = quantize_array(values, params)
     scale = params.scale.astype(values.dtype)
     dq = _constant_dq(fill, name, q, scale, params.zero_point, params.axis if params.per_channel else None)
-    _rewire(node, 1, dq.output[0])
+    node.input[1] = dq.output[0]
     fill.filled[name] = (
         f"float weight of {node_label(node)} quantized to int8 symmetric "
         + (f"per channel (axis {params.axis})" if params.per_channel else "per tensor")
@@ -409,7 +408,7 @@ def _quantize_bias(
         fill, bias, q.astype(np.int32), scale.astype(values.dtype), np.zeros(scale.shape, np.int32),
         0 if w.axis is not None else None,
     )
-    _rewire(consumer, slot, dq.output[0])
+    consumer.input[slot] = dq.output[0]
     fill.filled[bias] = f"{where} became int32 (scale = input scale x weight scale, zero point 0)"
 
 
@@ -430,23 +429,10 @@ def _weight_source(w: QdqParams, index: GraphIndex) -> str | None:
 def _constant_dq(
     fill: _Fill, name: str, q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, axis: int | None
 ) -> onnx.NodeProto:
-    graph = fill.model.graph
-    inputs = []
-    for suffix, value in (("quantized", q), ("scale", scale), ("zero_point", zero_point)):
-        tensor = fill.names(f"{name}_{suffix}")
-        graph.initializer.append(numpy_helper.from_array(np.asarray(value), tensor))
-        inputs.append(tensor)
-    attrs = {"axis": axis} if axis is not None else {}
-    dq = helper.make_node(
-        "DequantizeLinear", inputs, [fill.names(f"{name}_dequantized")], name=fill.names(f"{name}_DequantizeLinear"),
-        **attrs,
-    )
+    """The QDQ rewriter's constant DequantizeLinear, placed at the head of the graph."""
+    dq = _qdq_constant_dq(fill.model.graph, fill.names, name, q, scale, zero_point, axis)
     fill.head.append(dq)
     return dq
-
-
-def _rewire(node: onnx.NodeProto, slot: int, tensor: str) -> None:
-    node.input[slot] = tensor
 
 
 # -- the entry point --------------------------------------------------------------------------------------
