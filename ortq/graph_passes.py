@@ -354,10 +354,9 @@ def fold_constants(model: onnx.ModelProto, max_bytes: int = MAX_FOLDED_BYTES) ->
         return 0
     for i in sorted(removed, reverse=True):
         del g.graph.node[i]
-    used = {x for n in g.graph.node for x in n.input}
-    for name, value in values.items():
-        if name in used:
-            g.graph.initializer.append(numpy_helper.from_array(value, name))
+    # Every folded value becomes an initializer and the shared sweep drops the unread ones: it also sees
+    # the outer-scope names that If/Loop/Scan bodies read, which a scan of the main graph's inputs misses.
+    g.graph.initializer.extend(numpy_helper.from_array(value, name) for name, value in values.items())
     drop_unused_constants(model.graph)
     log.debug("folded %d constant node(s)", len(removed))
     return len(removed)

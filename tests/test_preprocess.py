@@ -206,6 +206,31 @@ def test_constant_folding_is_bounded() -> None:
     np.testing.assert_allclose(run(result.model, feed)[0], run(model, feed)[0], rtol=1e-6)
 
 
+def test_constant_folding_keeps_values_only_a_subgraph_reads() -> None:
+    """A folded Cast read only inside an If's branches (outer-scope name) stays as an initializer."""
+    offset = np.array([1.5, -2.0], np.float64)
+
+    def branch(op: str, out: str) -> onnx.GraphProto:
+        return helper.make_graph([helper.make_node(op, ["x", "offset32"], [out])], f"{op}_branch", [],
+                                 [helper.make_tensor_value_info(out, TensorProto.FLOAT, [2])])
+
+    nodes = [
+        helper.make_node("Cast", ["offset"], ["offset32"], to=TensorProto.FLOAT),
+        helper.make_node("If", ["cond"], ["y"], then_branch=branch("Add", "t"), else_branch=branch("Sub", "e")),
+    ]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2]),
+              helper.make_tensor_value_info("cond", TensorProto.BOOL, [])]
+    model = _checked(nodes, inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
+                     {"offset": offset}, "subgraph_reads")
+    result = ortq.preprocess(model)
+    assert result.constants_folded == 1 and _op_types(result.model) == ["If"]
+    x = np.array([0.25, 4.0], np.float32)
+    for cond in (True, False):
+        feed = {"x": x, "cond": np.array(cond)}
+        np.testing.assert_array_equal(run(result.model, feed)[0], run(model, feed)[0])
+    np.testing.assert_array_equal(run(result.model, {"x": x, "cond": np.array(True)})[0], x + offset.astype(np.float32))
+
+
 def test_quantized_weights_are_left_alone() -> None:
     """A DequantizeLinear of an int8 weight is not folded back to float, nor a BN into its Conv."""
     rng = np.random.default_rng(0)
