@@ -76,6 +76,9 @@ def compute_params(
                 )
                 continue
             _fit_bias_in_int32(name, tp, index, params)
+            problem = _bias_rounding_problem(name, tp, plan, index, params)
+            if problem:
+                vetoes[name] = problem
     for name, p in params.items():
         if index.float_dtype(name) == np.float16:
             params[name] = _float16_exact(p)
@@ -130,6 +133,41 @@ def _float16_exact(p: QuantParams) -> QuantParams:
 
 
 _INT32_MAX = float(np.iinfo(np.int32).max)
+
+
+def _bias_rounding_problem(name: str, tp, plan: QuantPlan, index: GraphIndex,  # noqa: ANN001
+                           params: dict[str, QuantParams]) -> str | None:
+    """Why the int32 bias would cost more than one step of the node's quantized output, or None.
+
+    The bias step is input scale x weight scale, normally far finer than the output's step. When the node's
+    output hardly depends on its input (a kernel that only ever reads padding, weights that cancel), the
+    output is mostly bias while the input's range still sets that step: the bias then rounds away (a whole
+    output lost, 0 dB), and only a float node keeps it.
+    """
+    x, w = params.get(tp.bias_input or ""), params.get(tp.bias_weight or "")
+    bias = index.constant_value(name)
+    node = next((n for n in index.consumers.get(name, []) if n.name == tp.node), None)
+    if x is None or w is None or x.per_channel or bias is None or not bias.size or node is None:
+        return None
+    output = node.output[0]
+    if output not in params and output in plan.folded:  # the fused activation's output carries the Q
+        fused = next((n for n in index.consumers.get(output, []) if n.name == plan.folded[output]), None)
+        output = fused.output[0] if fused is not None else output
+    y = params.get(output)
+    if y is None or y.per_channel:
+        return None
+    step = (x.scale.astype(np.float64) * w.scale.astype(np.float64)).reshape(-1)
+    values = bias.astype(np.float64).reshape(-1)
+    step = np.broadcast_to(step, values.shape) if step.size in (1, values.size) else None
+    if step is None:
+        return None
+    error = float(np.max(np.abs(values - np.rint(values / step) * step)))
+    if error <= float(y.scale):
+        return None
+    return (
+        f"rounding it to its int32 step (input scale x weight scale, up to {float(step.max()):.3g}) moves the "
+        f"output {output!r} by {error:.3g}, more than one of that output's steps ({float(y.scale):.3g})"
+    )
 
 
 def _fit_bias_in_int32(name: str, tp, index: GraphIndex, params: dict[str, QuantParams]) -> None:  # noqa: ANN001

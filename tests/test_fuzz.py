@@ -671,9 +671,6 @@ def test_output_lost_by_rounding_the_input_alone_is_ill_conditioned(tmp_path) ->
     assert our_sqnr < SQNR_FLOOR_DB and abs(our_sqnr - ort_sqnr) < 1.0, (our_sqnr, ort_sqnr)
 
 
-@pytest.mark.xfail(strict=True, reason="ortq/params.py vetoes a bias only when its input is constant zero; here the "
-                   "kernel sees only padding, the output is the bias, and the int32 bias step (s_x*s_w, 0.9) is 30x "
-                   "the bias: it rounds to zero")
 def test_conv_whose_output_is_its_bias_keeps_the_bias() -> None:
     """Found by the 5000-example static run (0 dB): a width-1 input, a 2x2 kernel with dilation 2 and padding 1,
     so every tap in the width lands on padding and the Conv's output is its bias (|b| <= 0.1), while the int32
@@ -691,3 +688,5 @@ def test_conv_whose_output_is_its_bias_keeps_the_bias() -> None:
     data = {"x": (rng.standard_normal((8, 3, 10, 1)) * 100).astype(np.float32)}
     sqnr, result = _quantized_sqnr(model, data, per_channel=False)
     assert sqnr > 30, (sqnr, result.vetoes)
+    assert "rounding it to its int32 step" in result.vetoes.get("b", "")  # the Conv stays float ...
+    assert "Gemm" in result.plan.quantized_nodes.values()  # ... and the rest of the model does not
