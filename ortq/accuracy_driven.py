@@ -15,7 +15,8 @@ The search is deterministic and bounded:
    (candidates beyond ``max_rank_trials`` are pre-selected by the noise their own quantizer injects into the
    float activations, a one-pass estimate);
 4. search the smallest prefix of the ranking that meets the target: doubling, then bisection, so at most
-   about ``2 * log2(candidates)`` more trials.
+   about ``2 * log2(candidates)`` more trials; then drop, one trial each, any tensor of that prefix the others
+   make unnecessary.
 """
 
 from __future__ import annotations
@@ -279,9 +280,10 @@ def quantize_to_target(
     for unit in ranked:
         unit.value = scorer.score_model(trials.build(unit.nodes).model)
         unit.gain = scorer.better(unit.value, base_value)
-    # Measured gain first; the injected noise breaks ties (a coarse metric such as top-1 agreement on a few
-    # samples often scores one tensor alone as no gain at all, while several together do matter).
-    ranking = sorted(ranked, key=lambda u: (-(u.gain or 0.0), -(u.injected_nsr or 0.0))) + unranked
+    # Gain per node kept float first (two tensors that both fix the damage: the one costing fewer float nodes);
+    # the injected noise breaks ties (a coarse metric such as top-1 agreement on a few samples often scores
+    # one tensor alone as no gain at all, while several together do matter).
+    ranking = sorted(ranked, key=lambda u: (-(u.gain or 0.0) / len(u.nodes), -(u.injected_nsr or 0.0))) + unranked
     useful = [u for u in ranking if u.gain is None or u.gain >= 0]  # a tensor whose float copy hurts never helps
 
     # 4. Smallest prefix of the ranking that meets the target: doubling, then bisection.
@@ -309,7 +311,22 @@ def quantize_to_target(
             hi = mid
         else:
             lo = mid
-    return finish(useful[:hi], ranking, value_of(hi))
+    kept, value = _drop_unneeded(useful[:hi], value_of(hi), scorer, trials)
+    return finish(kept, ranking, value)
+
+
+def _drop_unneeded(kept: list[TensorSensitivity], value: float, scorer: _Scorer,
+                   trials: _Trials) -> tuple[list[TensorSensitivity], float]:
+    """Backward elimination over the chosen prefix, lowest-ranked first: a tensor the others make
+    unnecessary goes back to 8 bits. At most one trial per kept tensor (the prefix is short)."""
+    for unit in reversed(list(kept)):
+        if len(kept) == 1:
+            break
+        rest = [u for u in kept if u is not unit]
+        trial_value = scorer.score_model(trials.build({n for u in rest for n in u.nodes}).model)
+        if scorer.meets(trial_value):
+            kept, value = rest, trial_value
+    return kept, value
 
 
 def _doubling(n: int) -> list[int]:
@@ -347,6 +364,7 @@ def _units(plan: QuantPlan, index: GraphIndex) -> list[TensorSensitivity]:
     for tp in plan.tensors.values():
         if isinstance(tp.role, SameAs) and tp.source:
             sharing.setdefault(tp.source, []).append(tp.name)
+    order = {n.name: i for i, n in enumerate(index.graph.node)}
     units = []
     for tensor in plan.observed_tensors():
         tp = plan.tensors[tensor]
@@ -355,7 +373,6 @@ def _units(plan: QuantPlan, index: GraphIndex) -> list[TensorSensitivity]:
         tensors, nodes = _closure(tensor, plan, index, sharing)
         if not nodes:
             continue
-        order = {n.name: i for i, n in enumerate(index.graph.node)}
         ordered = sorted(nodes, key=lambda n: order.get(n, 0))
         ops = [plan.quantized_nodes[n] for n in ordered]
         units.append(TensorSensitivity(tensor, ordered, ops, None, None))

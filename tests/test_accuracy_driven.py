@@ -43,7 +43,10 @@ def test_hostile_layer_ranked_first_and_kept_float(toolkit: ortq.Toolkit, hostil
     assert found.ranking[0].tensor == "relu_3_out"  # the outlier channel's tensor, nothing downstream of it
     assert [k.tensor for k in found.kept] == ["relu_3_out"]
     kept_nodes = set(found.kept[0].nodes)
-    assert {"conv_3", "conv_4"} <= kept_nodes and len(kept_nodes) <= 3
+    assert "conv_3" in kept_nodes and len(kept_nodes) <= 3
+    # conv_4 (which divides the outlier channel back down) is float from the start: its int32 bias step,
+    # set by the stretched input scale, is coarser than its output's step.
+    assert "rounding it to its int32 step" in found.result.vetoes["b_4"]
     # The written model is the chosen one: it meets the target on held-out data and only those nodes are float.
     written = onnx.load(out)
     onnx.checker.check_model(written, full_check=True)
@@ -54,7 +57,7 @@ def test_hostile_layer_ranked_first_and_kept_float(toolkit: ortq.Toolkit, hostil
     assert {"conv_1", "conv_2", "conv_5", "fc"} <= quantized
     assert float_ops  # the kept Conv nodes are still there, in float
     # Trials are bounded: one baseline, one per candidate tensor, and a short prefix search.
-    assert found.trials <= 1 + len(found.ranking) + 2 * int(np.ceil(np.log2(len(found.ranking) + 1)))
+    assert found.trials <= 1 + len(found.ranking) + 2 * int(np.ceil(np.log2(len(found.ranking) + 1))) + len(found.kept)
     assert "kept float: tensor 'relu_3_out'" in found.summary()
 
 
@@ -180,3 +183,19 @@ def test_trials_repeat_no_warning(toolkit: ortq.Toolkit, hostile, caplog) -> Non
     assert len(advice) == 1
     ortq.Toolkit(autoload=False).quantize(model, calibration_data=calibration, verify=False)
     assert len([r for r in caplog.records if "was not preprocessed" in r.getMessage()]) == 2  # filter removed
+
+
+def test_backward_elimination_drops_tensors_the_others_make_unneeded() -> None:
+    """Only b matters; the prefix search handed over a, b, c: a and c go back to 8 bits, b stays."""
+    from types import SimpleNamespace
+
+    from ortq.accuracy_driven import TensorSensitivity, _drop_unneeded
+
+    units = [TensorSensitivity(t, [f"node_{t}"], ["Conv"], None, None) for t in "abc"]
+    built: list[set[str]] = []
+    trials = SimpleNamespace(build=lambda nodes: built.append(set(nodes)) or SimpleNamespace(model=set(nodes)))
+    scorer = SimpleNamespace(score_model=lambda nodes: 40.0 if "node_b" in nodes else 5.0,
+                             meets=lambda value: value >= 30.0)
+    kept, value = _drop_unneeded(units, 40.0, scorer, trials)
+    assert [u.tensor for u in kept] == ["b"] and value == 40.0
+    assert len(built) == 3  # one trial per tensor of the prefix: c dropped, b needed, a dropped
