@@ -25,6 +25,7 @@ from .errors import PluginError
 from .graph import FreshNames, GraphIndex, node_label
 from .op_quantizer import LeaveFloat, QOperatorContext, QuantizedTensor
 from .rewrite_qdq import drop_unused_constants
+from .scheme import QuantParams, QuantType, quantize_array
 
 if TYPE_CHECKING:
     from .toolkit import Toolkit
@@ -496,18 +497,18 @@ def _fold_constant_quantize(model: onnx.ModelProto) -> None:
             continue
         out_type = int(index.attribute(node, "output_dtype", 0))
         dtype = zp.dtype if zp is not None else (helper.tensor_dtype_to_np_dtype(out_type) if out_type else np.dtype(np.uint8))
-        if dtype.kind not in "iu":
-            continue  # float8 / int4 outputs have no QOperator kernel; leave them alone
         zero = zp if zp is not None else np.zeros(scale.shape, dtype)
-        axis = int(index.attribute(node, "axis", 1))
-        s, z = scale.astype(np.float64), zero.astype(np.float64)
-        if scale.size > 1:
-            shape = [1] * x.ndim
-            shape[axis if axis >= 0 else axis + x.ndim] = -1
-            s, z = s.reshape(shape), z.reshape(shape)
-        info = np.iinfo(dtype)
-        q = np.clip(np.rint(x.astype(np.float64) / s) + z, info.min, info.max).astype(dtype)
-        graph.initializer.append(numpy_helper.from_array(q, node.output[0]))
+        per_channel = scale.size > 1
+        try:
+            params = QuantParams(
+                scale if per_channel else scale.reshape(()), zero if per_channel else zero.reshape(()),
+                QuantType.parse(dtype.name), int(index.attribute(node, "axis", 1)) if per_channel else None,
+            )
+        except ValueError:
+            continue  # float8 / int4 outputs (no QOperator kernel) or unusable parameters: the Q stays
+        # quantize_array divides in float32 as ONNX Runtime's QuantizeLinear does: float64 rounds some
+        # ties the other way, and the folded weight would then differ from the one the QDQ model runs.
+        graph.initializer.append(numpy_helper.from_array(quantize_array(x, params), node.output[0]))
         folded.append(node)
     for node in folded:
         graph.node.remove(node)

@@ -196,6 +196,48 @@ def test_qat_export_with_float_weights_and_bias(toolkit: ortq.Toolkit) -> None:
     assert np.abs(a - b).max() <= 0.015 + 1e-6
 
 
+def test_folded_weight_rounds_as_onnxruntime_quantizes(toolkit: ortq.Toolkit) -> None:
+    """A float weight behind QuantizeLinear is folded to exactly the integers ONNX Runtime's QuantizeLinear
+    computes, also for values whose quotient by the scale rounds one way in float32 and the other in float64."""
+    rng = np.random.default_rng(0)
+    w_scale = np.float32(0.064059205)
+    candidates = ((rng.integers(-100, 100, 20000) + 0.5) * np.float64(w_scale)).astype(np.float32)
+    candidates = np.nextafter(candidates, rng.choice([-np.inf, np.inf], candidates.size)).astype(np.float32)  # a step off
+    ties = candidates[np.rint(candidates / w_scale) != np.rint(candidates.astype(np.float64) / np.float64(w_scale))]
+    assert ties.size >= 32
+    w = ties[:32].reshape(8, 4)
+    inits = [
+        numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.array(w_scale), "w_scale"),
+        numpy_helper.from_array(np.array(0, np.int8), "w_zp"),
+        numpy_helper.from_array(np.array(0.02, np.float32), "x_scale"), numpy_helper.from_array(np.array(128, np.uint8), "x_zp"),
+        numpy_helper.from_array(np.array(0.05, np.float32), "y_scale"), numpy_helper.from_array(np.array(128, np.uint8), "y_zp"),
+    ]
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "x_scale", "x_zp"], ["xq"]),
+        helper.make_node("DequantizeLinear", ["xq", "x_scale", "x_zp"], ["xd"]),
+        helper.make_node("QuantizeLinear", ["w", "w_scale", "w_zp"], ["wq"], name="w_Q"),
+        helper.make_node("DequantizeLinear", ["wq", "w_scale", "w_zp"], ["wd"]),
+        helper.make_node("MatMul", ["xd", "wd"], ["m"], name="matmul"),
+        helper.make_node("QuantizeLinear", ["m", "y_scale", "y_zp"], ["yq"]),
+        helper.make_node("DequantizeLinear", ["yq", "y_scale", "y_zp"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "fold", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 4])], inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=7)
+    qop, left = _converted(model, toolkit)
+    kernel = next(n for n in qop.graph.node if n.op_type == "QLinearMatMul")
+    folded = {i.name: numpy_helper.to_array(i) for i in qop.graph.initializer}[kernel.input[3]]
+    w_only = helper.make_model(helper.make_graph(
+        [helper.make_node("QuantizeLinear", ["w", "w_scale", "w_zp"], ["wq"])], "q", [],
+        [helper.make_tensor_value_info("wq", TensorProto.INT8, [8, 4])], inits[:3],
+    ), opset_imports=[helper.make_opsetid("", 13)], ir_version=7)
+    np.testing.assert_array_equal(folded, _run(w_only, {}))
+    x = {"x": rng.uniform(-2.0, 2.0, (4, 8)).astype(np.float32)}
+    assert left == {} and np.abs(_run(model, x) - _run(qop, x)).max() <= 0.05 + 1e-6
+
+
 def test_sixteen_bit_activations_stay_qdq_with_a_reason(toolkit: ortq.Toolkit, caplog: pytest.LogCaptureFixture) -> None:
     """ONNX Runtime has no 16-bit integer kernels: the nodes keep their Q/DQ and the model still runs."""
     model, calib = tiny_cnn(), tiny_data(16)
