@@ -562,20 +562,33 @@ def _export_command(toolkit: Toolkit, name: str, backend_cls: Any) -> click.Comm
                 batch_size: int | None, max_samples: int | None, **image_flags: Any) -> None:
         if (calibration_data is None) == (calibration_state is None):
             raise click.UsageError("give exactly one of --calibration-data and --calibration-state")
-        out_dir.mkdir(parents=True, exist_ok=True)
-        with _progress(calibration_data, max_samples) as bar:
-            result = toolkit.quantize(
-                model, out_dir / f"{model.stem}.{name}.onnx", calibration_data=calibration_data,
-                calibration_state=calibration_state, target=name, calibrate_method=calibrate_method,
-                calibrator_options=_key_values(calibrator_option) or None,
-                backend_options=_key_values(backend_option) or None, batch_size=batch_size, max_samples=max_samples,
-                image_options=_make_image_options(**image_flags), progress=bar.update,
-            )
+        created = _make_folder(out_dir)
+        try:
+            with _progress(calibration_data, max_samples) as bar:
+                result = toolkit.quantize(
+                    model, out_dir / f"{model.stem}.{name}.onnx", calibration_data=calibration_data,
+                    calibration_state=calibration_state, target=name, calibrate_method=calibrate_method,
+                    calibrator_options=_key_values(calibrator_option) or None,
+                    backend_options=_key_values(backend_option) or None, batch_size=batch_size, max_samples=max_samples,
+                    image_options=_make_image_options(**image_flags), progress=bar.update,
+                )
+        except BaseException:
+            for folder in created:  # a failed export leaves no empty folder behind
+                if folder.is_dir() and not any(folder.iterdir()):
+                    folder.rmdir()
+            raise
         click.echo(result.summary())
         for path in [result.output, *result.artifacts]:
             click.echo(f"wrote {path}")
 
     return command
+
+
+def _make_folder(folder: Path) -> list[Path]:
+    """Create ``folder`` and its missing parents; return the ones created, innermost first."""
+    missing = [p for p in [folder, *folder.parents] if not p.exists()]
+    folder.mkdir(parents=True, exist_ok=True)
+    return missing
 
 
 def _toolkit_from_environment() -> Toolkit:

@@ -6,6 +6,8 @@ Each stage is a module with one job; this one only wires them together and owns 
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -396,13 +398,33 @@ def quantize(
         # Written under temporary names (with external data if the input had it or it is over 2 GB), renamed
         # into place only once the backend's export succeeded too; nothing is left behind on failure.
         with staged_save(proto, out, external_data=p.external_data or None, protect=p.external_files):
-            try:
-                result.artifacts = backend.export(result, out.parent)
-            except OrtqError:
-                raise
-            except Exception as exc:
-                raise PluginError(f"backend {backend.name!r} failed to export: {exc!r}") from exc
+            result.artifacts = _export_staged(backend, result, out.parent)
     return result
+
+
+def _export_staged(backend: Backend, result: QuantizationResult, out_dir: Path) -> list[Path]:
+    """The backend writes into a private folder beside the output; what it returns is moved into place only
+    once it has returned, so a backend that writes a file and then fails leaves nothing behind."""
+    with tempfile.TemporaryDirectory(prefix=".ortq-export-", dir=out_dir) as staging:
+        try:
+            written = [Path(path) for path in backend.export(result, Path(staging))]
+        except OrtqError:
+            raise
+        except Exception as exc:
+            raise PluginError(f"backend {backend.name!r} failed to export: {exc!r}") from exc
+        final = []
+        for path in written:
+            try:
+                relative = path.resolve().relative_to(Path(staging).resolve())
+            except ValueError:
+                raise PluginError(
+                    f"backend {backend.name!r} returned {str(path)!r}, outside the folder it was given to write in"
+                ) from None
+            target = out_dir / relative
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(path, target)
+            final.append(target)
+    return final
 
 
 def quantize_dynamic(

@@ -224,6 +224,71 @@ def test_third_party_backend_gets_an_export_command(tmp_path, cnn_files) -> None
     assert (out / "scales.txt").read_text().count("\n") >= 2
 
 
+def test_backend_that_fails_after_writing_leaves_nothing(tmp_path) -> None:
+    """Artifacts are written into a private folder and moved into place only once export returned."""
+
+    class HalfDone(ortq.Backend):
+        name = "halfdone"
+
+        def export(self, result, out_dir):
+            (out_dir / "table.txt").write_text("partial")
+            (out_dir / "sub").mkdir()
+            (out_dir / "sub" / "more.bin").write_bytes(b"partial")
+            raise RuntimeError("device table overflow")
+
+    class Plugin:
+        @ortq.hookimpl
+        def ortq_register_backends(self, register):
+            register(HalfDone)
+
+    (tmp_path / "q.onnx").write_bytes(b"the previous model")
+    tk = ortq.Toolkit([Plugin()], autoload=False)
+    with pytest.raises(ortq.PluginError, match="backend 'halfdone' failed to export.*device table overflow"):
+        tk.quantize(tiny_cnn(), tmp_path / "q.onnx", calibration_data=tiny_data(), target="halfdone")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q.onnx"]
+    assert (tmp_path / "q.onnx").read_bytes() == b"the previous model"
+
+
+def test_backend_artifacts_may_sit_in_subfolders_but_not_outside(tmp_path) -> None:
+    class Nested(ortq.Backend):
+        name = "nested"
+        escape = False
+
+        def export(self, result, out_dir):
+            (out_dir / "include").mkdir()
+            header = out_dir / "include" / "model.h"
+            header.write_text("// scales")
+            outside = out_dir.parent / "stray.txt"
+            if self.escape:
+                outside.write_text("x")
+            return [header, outside] if self.escape else [header]
+
+    class Plugin:
+        @ortq.hookimpl
+        def ortq_register_backends(self, register):
+            register(Nested)
+
+    tk = ortq.Toolkit([Plugin()], autoload=False)
+    result = tk.quantize(tiny_cnn(), tmp_path / "q.onnx", calibration_data=tiny_data(), target="nested")
+    assert result.artifacts == [tmp_path / "include" / "model.h"]
+    assert (tmp_path / "include" / "model.h").read_text() == "// scales"
+    Nested.escape = True
+    with pytest.raises(ortq.PluginError, match="outside the folder it was given"):
+        tk.quantize(tiny_cnn(), tmp_path / "q2.onnx", calibration_data=tiny_data(), target="nested")
+    assert not (tmp_path / "q2.onnx").exists()
+
+
+def test_failed_export_command_leaves_no_folder(tmp_path, cnn_files) -> None:
+    model, _ = cnn_files
+    broken = tmp_path / "broken.npz"
+    broken.write_bytes(b"not a zip")
+    out = tmp_path / "new" / "export"
+    result = CliRunner().invoke(build_cli(ortq.Toolkit(autoload=False)),
+                                ["export", "cpu", str(model), "-o", str(out), "-d", str(broken)])
+    assert result.exit_code == 1 and "broken.npz" in result.output
+    assert not (tmp_path / "new").exists()
+
+
 def test_unknown_target_and_calibrator_list_what_exists(toolkit: ortq.Toolkit) -> None:
     with pytest.raises(ortq.ConfigError, match=r"no backend named 'gpu'; registered: cpu"):
         toolkit.quantize(tiny_cnn(), calibration_data=tiny_data(), target="gpu")
