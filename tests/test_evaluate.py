@@ -266,6 +266,20 @@ def test_errors_are_clear(toolkit: ortq.Toolkit, cnn_pair) -> None:
     assert result.exit_code == 1 and result.output.count("\n") == 1 and "Error:" in result.output
 
 
+def test_unreadable_label_files_are_one_line_errors(toolkit: ortq.Toolkit, cnn_pair, tmp_path: Path) -> None:
+    """A corrupt labels .npz (not a zip at all) or a truncated .npy is an OrtqError naming the file, like data."""
+    float_path, quant_path, data, labels = cnn_pair
+    np.savez(tmp_path / "good.npz", label=labels)
+    broken = {"broken.npz": (tmp_path / "good.npz").read_bytes()[:40], "broken.npy": b"\x93NUMPY\x01\x00"}
+    for name, content in broken.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(ortq.OrtqError, match=rf"{name}: cannot read as"):
+            toolkit.evaluate(float_path, quant_path, data, labels=tmp_path / name, metrics=["accuracy"], latency_runs=0)
+    result = CliRunner().invoke(build_cli(toolkit), ["evaluate", str(float_path), str(quant_path), "-d",
+                                                     str(tmp_path / "good.npz"), "--labels", str(tmp_path / "broken.npz")])
+    assert result.exit_code == 1 and result.output.count("\n") == 1 and "broken.npz" in result.output
+
+
 def test_defaults_skip_top1_without_a_class_axis_and_options_reach_the_metric(toolkit: ortq.Toolkit) -> None:
     model = _matmul_model(("y", "r"))
     x = {"x": np.random.default_rng(1).standard_normal((20, 8)).astype(np.float32)}
