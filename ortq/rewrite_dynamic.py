@@ -49,7 +49,6 @@ from onnx import TensorProto, helper, numpy_helper
 from .graph import FreshNames, GraphIndex, node_label
 from .op_quantizer import Weight
 from .params import weight_params
-from .planner import FloatNode
 from .rewrite_qdq import drop_unused_constants
 from .scheme import QuantParams, QuantSpec, QuantType, quantize_array
 
@@ -124,12 +123,16 @@ def rewrite_dynamic(
     for node in graph.node:
         if node.name in absorbed:
             continue  # its bias became the input of the DynamicQuantizeMatMul before it
-        if _fused_attention(node, index, config, plan):
+        if node.op_type == "Attention" and node.domain == MS_DOMAIN and _selected(node, config):
+            reason = _attention_unfit(node, index)
+            if reason is not None:
+                _leave_float(node, reason, plan, kept)
+                new_nodes.append(node)
+                continue
             q, s, z, p = quantized_weight(node.input[1], False, "matmul")
             new_nodes += _quantized_attention(node, q, s, z, index, names, new_inits)
             params[node.input[1]] = p
-            plan.quantized_nodes[node.name] = node.op_type
-            plan.float_nodes = [f for f in plan.float_nodes if f.name != node.name]
+            _mark_quantized(node, plan)
             continue
         if _embedding_gather(node, index, config):
             q, s, z, p = quantized_weight(node.input[0], False, "gather")
@@ -141,13 +144,12 @@ def rewrite_dynamic(
                                  name=names(f"{node.name}_DequantizeLinear"), **dq_attrs),
             ]
             params[node.input[0]] = p
-            plan.quantized_nodes[node.name] = node.op_type
-            plan.float_nodes = [f for f in plan.float_nodes if f.name != node.name]
+            _mark_quantized(node, plan)
             continue
-        if _lstm_selected(node, config):
+        if node.op_type == "LSTM" and node.domain in ("", "ai.onnx") and _selected(node, config):
             reason = _lstm_unfit(node, index, config)
             if reason is not None:
-                _leave_lstm_float(node, reason, plan, kept)
+                _leave_float(node, reason, plan, kept)
                 new_nodes.append(node)
                 continue
             lstm_inputs = list(node.input) + [""] * (8 - len(node.input))
@@ -160,8 +162,7 @@ def rewrite_dynamic(
                 lstm_inputs += [s, z]
                 params[name] = p
             new_nodes.append(_dynamic_lstm(node, lstm_inputs, index))
-            plan.quantized_nodes[node.name] = node.op_type
-            plan.float_nodes = [f for f in plan.float_nodes if f.name != node.name]
+            _mark_quantized(node, plan)
             continue
         reason = _unfit(node, index, plan)
         if reason is not None:
@@ -264,32 +265,21 @@ def _bias_adds(index: GraphIndex, plan: QuantPlan) -> dict[str, onnx.NodeProto]:
 _QATTENTION_ATTRIBUTES = frozenset({"num_heads", "unidirectional", "mask_filter_value", "scale"})
 
 
-def _fused_attention(node: onnx.NodeProto, index: GraphIndex, config: QuantConfig, plan: QuantPlan) -> bool:
-    """A selected ``com.microsoft.Attention`` (what ONNX Runtime's transformer optimizer fuses BERT's self-attention
-    into) whose QKV weight QAttention can take: constant float32 2-D, no attention bias, no unsupported attribute.
-    A selected node that does not fit stays float, and its entry in the plan says why."""
-    if node.op_type != "Attention" or node.domain != MS_DOMAIN or "Attention" not in (config.op_types or ()):
-        return False
-    if node.name in config.nodes_to_exclude or (
-        config.nodes_to_quantize is not None and node.name not in config.nodes_to_quantize
-    ):
-        return False
+def _attention_unfit(node: onnx.NodeProto, index: GraphIndex) -> str | None:
+    """Why QAttention cannot replace this ``com.microsoft.Attention`` (what ONNX Runtime's transformer optimizer
+    fuses BERT's self-attention into), or None: it needs a constant float32 2-D QKV weight, no attention bias,
+    and no attribute QAttention lacks."""
     weight = index.constant_value(node.input[1])
     extra = sorted(a.name for a in node.attribute if a.name not in _QATTENTION_ATTRIBUTES)
-    reason = None
     if weight is None or weight.dtype != np.float32 or weight.ndim != 2:
-        reason = "its QKV weight is not a constant float32 matrix"
-    elif index.float_dtype(node.input[0]) != np.float32:
-        reason = "QAttention takes a float32 input only"
-    elif len(node.input) > 5 and any(node.input[5:]):
-        reason = "QAttention has no attention_bias / past_sequence_length inputs"
-    elif extra:
-        reason = f"QAttention has no attribute(s) {extra}"
-    if reason is not None:
-        log.info("node %r stays float: %s", node.name, reason)
-        plan.float_nodes = [FloatNode(f.name, f.op_type, reason) if f.name == node.name else f for f in plan.float_nodes]
-        return False
-    return True
+        return "its QKV weight is not a constant float32 matrix"
+    if index.float_dtype(node.input[0]) != np.float32:
+        return "QAttention takes a float32 input only"
+    if len(node.input) > 5 and any(node.input[5:]):
+        return "QAttention has no attention_bias / past_sequence_length inputs"
+    if extra:
+        return f"QAttention has no attribute(s) {extra}"
+    return None
 
 
 def _quantized_attention(node: onnx.NodeProto, q: str, s: str, z: str, index: GraphIndex, names: FreshNames,
@@ -315,11 +305,7 @@ def _quantized_attention(node: onnx.NodeProto, q: str, s: str, z: str, index: Gr
 
 def _embedding_gather(node: onnx.NodeProto, index: GraphIndex, config: QuantConfig) -> bool:
     """A selected Gather along axis 0 of a constant float32 table of rank 2 or more."""
-    if node.op_type != "Gather" or "Gather" not in (config.op_types or ()):
-        return False
-    if node.name in config.nodes_to_exclude or (
-        config.nodes_to_quantize is not None and node.name not in config.nodes_to_quantize
-    ):
+    if node.op_type != "Gather" or not _selected(node, config):
         return False
     if int(index.attribute(node, "axis", 0)) != 0 or node.input[0] in index.graph_outputs:
         return False
@@ -327,13 +313,20 @@ def _embedding_gather(node: onnx.NodeProto, index: GraphIndex, config: QuantConf
     return table is not None and table.dtype == np.float32 and table.ndim >= 2
 
 
-def _lstm_selected(node: onnx.NodeProto, config: QuantConfig) -> bool:
-    """A standard LSTM that the op types and node lists select (no op quantizer plans LSTMs)."""
-    if node.op_type != "LSTM" or node.domain not in ("", "ai.onnx") or "LSTM" not in (config.op_types or ()):
-        return False
-    return node.name not in config.nodes_to_exclude and (
-        config.nodes_to_quantize is None or node.name in config.nodes_to_quantize
+def _selected(node: onnx.NodeProto, config: QuantConfig) -> bool:
+    """Whether the op types and node lists pick ``node``. Gathers, LSTMs and fused Attention have no op quantizer,
+    so the planner left them float without applying the user's selection; it is applied here instead."""
+    return (
+        node.op_type in (config.op_types or ())
+        and node.name not in config.nodes_to_exclude
+        and (config.nodes_to_quantize is None or node.name in config.nodes_to_quantize)
     )
+
+
+def _mark_quantized(node: onnx.NodeProto, plan: QuantPlan) -> None:
+    """The plan listed ``node`` float (no op quantizer); it now runs a dynamic integer kernel."""
+    plan.quantized_nodes[node.name] = node.op_type
+    plan.float_nodes = [f for f in plan.float_nodes if f.name != node.name]
 
 
 def _lstm_unfit(node: onnx.NodeProto, index: GraphIndex, config: QuantConfig) -> str | None:
@@ -399,8 +392,9 @@ def _dynamic_lstm(node: onnx.NodeProto, inputs: list[str], index: GraphIndex) ->
     return lstm
 
 
-def _leave_lstm_float(node: onnx.NodeProto, reason: str, plan: QuantPlan, kept: dict[str, str]) -> None:
-    """Record why a selected LSTM stays float, replacing the planner's generic "no op quantizer" reason."""
+def _leave_float(node: onnx.NodeProto, reason: str, plan: QuantPlan, kept: dict[str, str]) -> None:
+    """Record why a selected LSTM or Attention stays float, replacing the planner's generic "no op quantizer"
+    reason."""
     if node.name in plan.quantized_nodes:  # a plugin planned it: the pipeline reports it like other kept nodes
         kept[node.name] = reason
         return
