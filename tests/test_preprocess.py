@@ -231,6 +231,27 @@ def test_constant_folding_keeps_values_only_a_subgraph_reads() -> None:
     np.testing.assert_array_equal(run(result.model, {"x": x, "cond": np.array(True)})[0], x + offset.astype(np.float32))
 
 
+def test_batch_norm_after_a_grouped_conv_transpose_stays() -> None:
+    """With groups, a ConvTranspose's output channels span two weight axes: its BN is kept, the bias Add folds."""
+    rng = np.random.default_rng(3)
+    w = rng.normal(0, 0.3, (4, 3, 2, 2)).astype(np.float32)  # 2 groups of 2 input -> 3 output channels
+    inits = {"w": w, "w2": rng.normal(0, 0.3, (6, 3, 2, 2)).astype(np.float32),
+             "c": rng.normal(0, 0.5, (1, 6, 1, 1)).astype(np.float32)}
+    nodes = [
+        helper.make_node("ConvTranspose", ["x", "w"], ["ct"], group=2),
+        helper.make_node("BatchNormalization", ["ct", *_bn_stats(rng, "bn", np.ones((6, 1), np.float32), inits)], ["n"]),
+        helper.make_node("ConvTranspose", ["n", "w2"], ["ct2"], group=2),
+        helper.make_node("Add", ["ct2", "c"], ["y"]),
+    ]
+    model = _checked(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 5, 5])],
+                     [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 6, 7, 7])], inits, "grouped")
+    result = ortq.preprocess(model)
+    assert _op_types(result.model) == ["ConvTranspose", "BatchNormalization", "ConvTranspose"]
+    assert (result.batch_norms_folded, result.add_biases_folded) == (0, 1)
+    feed = {"x": rng.normal(size=(2, 4, 5, 5)).astype(np.float32)}
+    assert _max_rel_error(model, result.model, feed) < 1e-5
+
+
 def test_quantized_weights_are_left_alone() -> None:
     """A DequantizeLinear of an int8 weight is not folded back to float, nor a BN into its Conv."""
     rng = np.random.default_rng(0)
