@@ -61,6 +61,19 @@ def test_hostile_layer_ranked_first_and_kept_float(toolkit: ortq.Toolkit, hostil
     assert "kept float: tensor 'relu_3_out'" in found.summary()
 
 
+def test_one_ranking_trial_goes_to_the_tensor_injecting_the_most_noise(toolkit: ortq.Toolkit, hostile) -> None:
+    """Beyond max_rank_trials, tensors are pre-selected by the channel-averaged noise their quantizer injects:
+    the outlier channel's tensor gets the only trial although its global noise ratio looks harmless."""
+    model, calibration, evaluation = hostile
+    found = quantize_to_target(
+        toolkit, model, target=AccuracyTarget("sqnr", min_value=30.0), calibration_data=calibration,
+        eval_data=evaluation, max_rank_trials=1,
+    )
+    assert found.ranking[0].tensor == "relu_3_out" and found.ranking[0].gain > 0
+    assert len(found.ranking) > 1 and all(u.value is None for u in found.ranking[1:])
+    assert found.met and [k.tensor for k in found.kept] == ["relu_3_out"]
+
+
 def test_target_met_without_trials_keeps_everything_quantized(toolkit: ortq.Toolkit) -> None:
     model, calibration, evaluation = resnet_like(n_calibration=16, n_evaluation=16)
     found = quantize_to_target(
