@@ -24,7 +24,7 @@ from onnx import TensorProto, helper, numpy_helper
 from .errors import PluginError
 from .graph import FreshNames, GraphIndex, node_label
 from .op_quantizer import LeaveFloat, QOperatorContext, QuantizedTensor
-from .rewrite_qdq import drop_unused_constants
+from .rewrite_qdq import _quantize_bias, drop_unused_constants
 from .scheme import QuantParams, QuantType, quantize_array
 
 if TYPE_CHECKING:
@@ -47,7 +47,6 @@ MS_DOMAIN = "com.microsoft"
 _QDQ = ("QuantizeLinear", "DequantizeLinear")
 _QDQ_DOMAINS = ("", "ai.onnx", MS_DOMAIN)
 _EIGHT_BIT = (TensorProto.UINT8, TensorProto.INT8)
-_INT32 = np.iinfo(np.int32)
 
 
 # -- helpers for op quantizers ---------------------------------------------------------------------------------
@@ -139,45 +138,25 @@ def int32_bias(
 
     An int32 DQ bias already at that scale is used as it is; any other constant bias (float, or quantized
     at another scale, as some QAT exports write it) is requantized; a bias computed at run time has no
-    int32 form.
+    int32 form. ``bias_tensor`` names a bias read by another node instead (the Add after a MatMul).
     """
     if x.scale_value is None or w.scale_value is None:
         return LeaveFloat("its scales are computed at run time, so no int32 bias can be made")
     target = (x.scale_value.astype(np.float64).reshape(-1) * w.scale_value.astype(np.float64).reshape(-1))
-    if bias_tensor is not None:  # a bias read by another node (the Add after a MatMul)
-        values = float_constant(q, bias_tensor)
-        if values is None:
-            return LeaveFloat(f"bias {bias_tensor!r} is not a constant")
-        return _int32(values, target, bias_tensor, q)
-    b = q.input(i)
-    if b is not None:
-        if not b.constant:
-            return LeaveFloat(f"bias {b.name!r} is computed at run time")
-        if (
-            b.elem_type == TensorProto.INT32 and b.scale_value is not None and b.zero_point_value is not None
-            and not np.any(b.zero_point_value) and b.scale_value.size in (1, target.size)
-            and np.allclose(b.scale_value.astype(np.float64).reshape(-1), target, rtol=1e-6, atol=0.0)
-        ):
-            return b.name
-        data = q.constant_value(b.name)
-        if data is None or b.scale_value is None or b.zero_point_value is None:
-            return LeaveFloat(f"bias {b.name!r} has no constant value")
-        values = _dequantize(data, b.scale_value, b.zero_point_value, b.axis)
-    else:
-        values = q.constant_value(node.input[i])
-        if values is None:
-            return LeaveFloat(f"bias {node.input[i]!r} is computed at run time")
-        values = values.astype(np.float64)
-    return _int32(values, target, node.input[i], q)
-
-
-def _int32(values: np.ndarray, target: np.ndarray, name: str, q: QOperatorContext) -> str | LeaveFloat:
+    name = node.input[i] if bias_tensor is None else bias_tensor
+    b = q.input(i) if bias_tensor is None else None
+    if (
+        b is not None and b.constant and b.elem_type == TensorProto.INT32 and b.scale_value is not None
+        and b.zero_point_value is not None and not np.any(b.zero_point_value) and b.scale_value.size in (1, target.size)
+        and np.allclose(b.scale_value.astype(np.float64).reshape(-1), target, rtol=1e-6, atol=0.0)
+    ):
+        return b.name
+    values = float_constant(q, name)  # a float constant, or a DequantizeLinear of constants
+    if values is None:
+        return LeaveFloat(f"bias {name!r} is computed at run time")
     if values.ndim != 1 or target.size not in (1, values.size):
         return LeaveFloat(f"bias {name!r} is not a vector matching the weight's output channels")
-    quantized = np.rint(values / target)
-    if np.any(quantized > _INT32.max) or np.any(quantized < _INT32.min):
-        log.warning("bias %r overflows int32 at scale input scale x weight scale; clipping it", name)
-    return q.add_constant(f"{name}_int32", np.clip(quantized, _INT32.min, _INT32.max).astype(np.int32))
+    return q.add_constant(f"{name}_int32", _quantize_bias(values, target, name))
 
 
 # -- the pass ---------------------------------------------------------------------------------------------------
