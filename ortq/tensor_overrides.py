@@ -452,8 +452,11 @@ def _check_axis(o: TensorOverride, index: GraphIndex, where: str) -> int:
 
 
 def _channels(o: TensorOverride, index: GraphIndex, axis: int) -> int:
-    value = index.constant_value(o.name)
-    shape = list(value.shape) if value is not None else (index.shape(o.name) or [])
+    # An initializer's dims say it without decoding the weight (this runs up to three times per override).
+    shape = index.shape(o.name)
+    if shape is None:
+        value = index.constant_value(o.name)
+        shape = list(value.shape) if value is not None else []
     return int(shape[axis]) if axis < len(shape) and isinstance(shape[axis], int) else -1
 
 
