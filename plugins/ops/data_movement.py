@@ -94,10 +94,12 @@ class PadQuantizer(OpQuantizer):
             return LeaveFloat("a non-zero pad value has no exact integer code")
         if len(node.input) > 2 and node.input[2] and value is None:
             return LeaveFloat("its pad value is computed at run time")
-        kernels = run_on_quantized(node, q)
+        kernels = run_on_quantized(node, q)  # a LeaveFloat unless input 0 is quantized
+        if isinstance(kernels, LeaveFloat):
+            return kernels
         x = q.input(0)
-        if isinstance(kernels, LeaveFloat) or x is None or not x.per_tensor:
-            return kernels if isinstance(kernels, LeaveFloat) else LeaveFloat("its input is quantized per channel")
+        if not x.per_tensor:
+            return LeaveFloat("its input is quantized per channel, so no one zero point pads it")
         pad = kernels[0]
         while len(pad.input) < 3:
             pad.input.append("")
