@@ -822,8 +822,9 @@ class _Runner:
             rows.append(self._row(m, m.float_name, kind, node, position, st))
         for name in self.float_outputs:
             st = stats.get(f"output:{name}")
-            if st is not None:
-                kind = "output" if name in self.fidx.graph_outputs else "float"
+            if st is None:  # not float (an ArgMax label) or another shape: nothing was summed
+                continue
+            kind = "output" if name in self.fidx.graph_outputs else "float"
             rows.append(self._row(None, name, kind, self.fidx.producer.get(name), position, st))
         return rows
 

@@ -429,3 +429,17 @@ def test_dynamic_quantization(toolkit: ortq.Toolkit, tmp_path: Path) -> None:
     assert {"q_w", "k_w", "v_w"} <= {r.tensor for r in weights} and all(r.sqnr_db > 30 for r in weights)
     assert rows["q_out"].kind == "float" and rows["q_out"].injected_sqnr_db is None and rows["q_out"].sqnr_db > 25
     assert rows["output"].kind == "output"
+
+
+def test_integer_graph_output_is_left_out(toolkit: ortq.Toolkit) -> None:
+    """A classifier that also outputs its ArgMax label: the int64 output has no SQNR and gets no row (it made
+    the report crash), while every float tensor is still compared."""
+    model = tiny_cnn()
+    model.graph.node.append(helper.make_node("ArgMax", ["y"], ["label"], name="argmax", axis=1, keepdims=0))
+    model.graph.output.append(helper.make_tensor_value_info("label", TensorProto.INT64, ["N"]))
+    onnx.checker.check_model(model)
+    quantized = toolkit.quantize(model, None, calibration_data=tiny_data(16), verify=False).model
+    report = debug_models(model, quantized, tiny_data(8))
+    rows = {r.tensor: r for r in report.tensors}
+    assert "label" not in rows
+    assert {"x", "r1", "y", "w1"} <= rows.keys() and rows["y"].sqnr_db > 20
