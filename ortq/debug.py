@@ -44,7 +44,7 @@ from onnx import helper, numpy_helper
 
 from .data import iter_batches, model_inputs
 from .errors import ModelError
-from .graph import GraphIndex, node_label
+from .graph import GraphIndex
 
 __all__ = [
     "debug_models",
@@ -183,6 +183,7 @@ def match_tensors(float_model: onnx.ModelProto, quantized_model: onnx.ModelProto
     fidx = GraphIndex(float_model)
     qidx = GraphIndex(quantized_model)
     float_tensors = _float_tensors(fidx)
+    fnodes = {n.name: n for n in fidx.graph.node if n.name}  # steps 3 and 4 look nodes up by name
     qnames = set(qidx.producer) | set(qidx.initializers) | qidx.graph_inputs
     found: list[MatchedTensor] = []
     unmatched: list[str] = []
@@ -193,7 +194,7 @@ def match_tensors(float_model: onnx.ModelProto, quantized_model: onnx.ModelProto
             continue
         if zero_point is None:
             zero_point = np.zeros(scale.shape, dtype=np.int64)
-        counterpart = _counterpart(name, fidx, qidx, float_tensors)
+        counterpart = _counterpart(name, fidx, qidx, float_tensors, fnodes)
         if counterpart is None:
             unmatched.append(name)
             continue
@@ -324,7 +325,8 @@ def _strip(name: str) -> str | None:
     return stripped if stripped != name else None
 
 
-def _counterpart(name: str, fidx: GraphIndex, qidx: GraphIndex, float_tensors: set[str]) -> tuple[str, str] | None:
+def _counterpart(name: str, fidx: GraphIndex, qidx: GraphIndex, float_tensors: set[str],
+                 fnodes: dict[str, onnx.NodeProto]) -> tuple[str, str] | None:
     producer = qidx.producer.get(name)
     # 1. the QuantizeLinear's float input
     if producer is not None and producer.op_type in ("QuantizeLinear", "DynamicQuantizeLinear"):
@@ -341,7 +343,6 @@ def _counterpart(name: str, fidx: GraphIndex, qidx: GraphIndex, float_tensors: s
         if candidate in float_tensors:
             return candidate, "name"
     # 3. a node reading the dequantized value exists in the float model under the same name
-    fnodes = {n.name: n for n in fidx.graph.node if n.name}
     for out in dq_outputs or [name]:
         for consumer in qidx.consumers.get(out, []):
             twin = fnodes.get(consumer.name)
