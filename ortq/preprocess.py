@@ -81,15 +81,28 @@ class PreprocessResult:
     opset_after: int
     #: "symbolic" (ONNX Runtime's symbolic shape inference), "onnx", or None if it did not run / failed.
     shape_inference: str | None = None
-    batch_norms_folded: int = 0
-    add_biases_folded: int = 0
-    constants_folded: int = 0
     warnings: list[str] = field(default_factory=list)
 
     @property
     def ran(self) -> list[str]:
         """Names of the steps that ran, in order."""
         return [s.name for s in self.steps]
+
+    def count(self, step: str) -> int:
+        """How many rewrites ``step`` made (0 if it did not run): the steps are the one record of the counts."""
+        return next((s.count for s in self.steps if s.name == step), 0)
+
+    @property
+    def batch_norms_folded(self) -> int:
+        return self.count("batch_norm_folding")
+
+    @property
+    def add_biases_folded(self) -> int:
+        return self.count("add_bias_folding")
+
+    @property
+    def constants_folded(self) -> int:
+        return self.count("constant_folding")
 
     def summary(self) -> str:
         lines = [f"nodes: {self.nodes_before} -> {self.nodes_after}"]
@@ -150,11 +163,10 @@ def preprocess(
         ("batch_norm_folding", fold_batch_norm, "BatchNormalization node(s) folded", graph_passes.fold_batch_norm),
         ("add_bias_folding", fold_add_bias, "Add node(s) folded into a bias", graph_passes.fold_add_bias),
     )
-    counts: dict[str, int] = {}
     for name, enabled, what, run_pass in passes:
         if enabled:
-            counts[name] = run_pass(proto)
-            steps.append(PreprocessStep(name, f"{counts[name]} {what}", counts[name]))
+            count = run_pass(proto)
+            steps.append(PreprocessStep(name, f"{count} {what}", count))
     if level == "basic":
         before = len(proto.graph.node)
         proto = _ort_optimize(proto, label)
@@ -174,8 +186,7 @@ def preprocess(
         raise ModelError(f"{label}: the preprocessed model fails onnx.checker: {str(exc).strip().splitlines()[0]}") from None
 
     result = PreprocessResult(
-        proto, None, steps, nodes_before, len(proto.graph.node), opset_before, model_opset(proto), method,
-        counts.get("batch_norm_folding", 0), counts.get("add_bias_folding", 0), counts.get("constant_folding", 0), warnings,
+        proto, None, steps, nodes_before, len(proto.graph.node), opset_before, model_opset(proto), method, warnings,
     )
     _record(proto, steps)
     if out_path is not None:
