@@ -206,6 +206,28 @@ def test_constant_folding_is_bounded() -> None:
     np.testing.assert_allclose(run(result.model, feed)[0], run(model, feed)[0], rtol=1e-6)
 
 
+def test_constant_folding_never_writes_much_more_than_it_reads() -> None:
+    """An outer product of two 2048-vectors (broadcasting Mul, not a may-grow op) would turn 16 KiB of
+    constants into a 16 MiB initializer: it stays a node, while a same-size Mul beside it folds."""
+    rng = np.random.default_rng(0)
+    inits = {"col": rng.normal(size=(2048, 1)).astype(np.float32), "row": rng.normal(size=(1, 2048)).astype(np.float32),
+             "two": np.array([2.0], np.float32)}
+    nodes = [
+        helper.make_node("Mul", ["col", "row"], ["outer"]),
+        helper.make_node("ReduceSum", ["outer"], ["total"], keepdims=0),
+        helper.make_node("Mul", ["row", "two"], ["row2"]),
+        helper.make_node("Add", ["x", "row2"], ["shifted"]),
+        helper.make_node("Add", ["shifted", "total"], ["y"]),
+    ]
+    model = _checked(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2048])],
+                     [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2048])], inits, "outer")
+    result = ortq.preprocess(model)
+    assert result.constants_folded == 1 and _op_types(result.model).count("Mul") == 1
+    assert sum(i.ByteSize() for i in result.model.graph.initializer) < 64 * 1024
+    feed = {"x": rng.normal(size=(2, 2048)).astype(np.float32)}
+    np.testing.assert_allclose(run(result.model, feed)[0], run(model, feed)[0], rtol=1e-6)
+
+
 def test_constant_folding_keeps_values_only_a_subgraph_reads() -> None:
     """A folded Cast read only inside an If's branches (outer-scope name) stays as an initializer."""
     offset = np.array([1.5, -2.0], np.float64)
