@@ -50,6 +50,10 @@ def test_top1_and_top5_agreement_by_hand(toolkit: ortq.Toolkit) -> None:
     assert feed_metric(toolkit.metric("top5"), REF, CAND, batches=3) == pytest.approx(3 / 4)
     assert feed_metric(toolkit.metric("top1"), REF, REF, batches=2) == 1.0
     assert feed_metric(toolkit.metric("top5"), REF, REF) == 1.0
+    # Not symmetric: the candidate's pick among the reference's best, not the reference's pick among the
+    # candidate's (the candidate ranks the reference's class 0 second here, but picks class 5, ranked last).
+    ref, cand = np.array([[5.0, 4, 3, 2, 1, 0]]), np.array([[0.5, 0, 0, 0, 0, 1]])
+    assert feed_metric(toolkit.metric("top5"), ref, cand) == 0.0 and feed_metric(toolkit.metric("top5"), cand, ref) == 1.0
 
 
 def test_accuracy_and_top5_accuracy_by_hand(toolkit: ortq.Toolkit) -> None:
