@@ -149,7 +149,7 @@ class _Prepared:
 
 def _prepare(
     toolkit: Toolkit, model: Any, target: str, overrides: dict[str, Any], *, fingerprint: bool = False,
-    min_opset: int = 0,
+    min_opset: int = 0, refuse_qdq: bool = False,
 ) -> _Prepared:
     unknown = set(overrides) - _OVERRIDES
     if unknown:
@@ -160,6 +160,8 @@ def _prepare(
     proto, source = loaded.model, loaded.source
     del loaded.model  # one owner of the weights: ``proto`` (later stages may replace it)
     label = str(source) if source else "model"
+    if refuse_qdq:  # static quantization of a QDQ model: refused as loaded, before any work on it
+        refuse_quantized(proto, label)
     float_bytes = model_size(proto)  # ByteSize() would serialize the weights to count them
     digest = model_fingerprint(proto) if fingerprint else None
     listed_initializers = proto.ir_version < 4
@@ -241,7 +243,7 @@ def calibrate(
     The state can be saved, merged with other shards, and passed to :func:`quantize` as
     ``calibration_state`` to quantize without running the model again.
     """
-    p = _prepare(toolkit, model, target, overrides, fingerprint=True)
+    p = _prepare(toolkit, model, target, overrides, fingerprint=True, refuse_qdq=True)
     calibrator = toolkit.calibrator(p.config.calibrator, **p.config.calibrator_options)
     index = GraphIndex(p.model)
     plan = make_plan(toolkit, index, p.config, p.backend)
@@ -317,10 +319,10 @@ def quantize(
     out = check_output_path(output) if output is not None else None
     given = TensorOverrides.load(tensor_overrides)
     p = _prepare(
-        toolkit, model, target, overrides, fingerprint=calibration_state is not None, min_opset=given.required_opset
+        toolkit, model, target, overrides, fingerprint=calibration_state is not None, min_opset=given.required_opset,
+        refuse_qdq=True,
     )
     backend, config, proto, label = p.backend, p.config, p.model, p.label
-    refuse_quantized(proto, label)
     state = None
     if calibration_state is not None:
         state = calibration_state

@@ -155,9 +155,28 @@ def test_float_weights_can_stay_float(toolkit: ortq.Toolkit) -> None:
     assert np.max(np.abs(run(model, data)[0] - run(result.model, data)[0])) < 0.02
 
 
-def test_static_quantize_refuses_an_already_quantized_model(toolkit: ortq.Toolkit) -> None:
+def test_static_quantize_refuses_an_already_quantized_model(
+    toolkit: ortq.Toolkit, caplog: pytest.LogCaptureFixture
+) -> None:
     with pytest.raises(ortq.ModelError, match=r"already quantized: it holds 4 QuantizeLinear and 6 DequantizeLinear.*ortq qat"):
         toolkit.quantize(qat_model(), None, calibration_data=_data())
+    # Calibrating it is refused too (its statistics could only serve a quantization that is refused).
+    with pytest.raises(ortq.ModelError, match="already quantized"):
+        toolkit.calibrate(qat_model(), _data())
+    # Refused as loaded, before any work on it: an opset-10 QDQ model is not upgraded first.
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"], name="x_Q"),
+        helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["y"], name="x_DQ"),
+    ]
+    graph = helper.make_graph(
+        nodes, "old_qdq", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+        [numpy_helper.from_array(np.array(0.1, np.float32), "s"), numpy_helper.from_array(np.array(3, np.uint8), "z")],
+    )
+    old = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 10)], ir_version=5)
+    with caplog.at_level("WARNING"), pytest.raises(ortq.ModelError, match="already quantized"):
+        toolkit.quantize(old, None, calibration_data={"x": np.zeros((2, 1, 4), np.float32)})
+    assert "opset" not in caplog.text
 
 
 def test_float_model_is_sent_to_quantize(toolkit: ortq.Toolkit) -> None:
