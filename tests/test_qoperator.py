@@ -307,6 +307,29 @@ def test_activation_pooling_and_softmax_kernels(toolkit: ortq.Toolkit, activatio
     assert sqnr_db(reference, b) > 25.0
 
 
+def test_hard_sigmoid_keeps_qdq_and_says_why(toolkit: ortq.Toolkit) -> None:
+    """HardSigmoid has a QDQ plan but no ONNX Runtime integer kernel: the reason names the missing kernel."""
+    rng = np.random.default_rng(8)
+    w = [numpy_helper.from_array((rng.standard_normal((4, 3, 3, 3)) * 0.3).astype(np.float32), "w1"),
+         numpy_helper.from_array((rng.standard_normal((4, 4, 1, 1)) * 0.3).astype(np.float32), "w2")]
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("HardSigmoid", ["c1"], ["h"], name="hard_sigmoid"),
+        helper.make_node("Conv", ["h", "w2"], ["y"], name="conv2"),
+    ]
+    graph = helper.make_graph(
+        nodes, "hs", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 8, 8])], w,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=7)
+    data = {"x": rng.standard_normal((8, 3, 8, 8)).astype(np.float32)}
+    qdq = toolkit.quantize(model, None, calibration_data=data, op_types_to_quantize=["Conv", "HardSigmoid"], verify=False)
+    qop, left = _converted(qdq.model, toolkit)
+    assert left == {"hard_sigmoid": "ONNX Runtime has no QLinearHardSigmoid kernel"}
+    assert _ops(qop)["QLinearConv"] == 2 and _ops(qop)["HardSigmoid"] == 1
+    np.testing.assert_allclose(_run(qop, data), _run(qdq.model, data), rtol=0, atol=_output_step(qdq.model, "y") + 1e-6)
+
+
 @pytest.mark.parametrize(
     ("builder", "kernel"),
     [(conv_concat, "QLinearConcat"), (conv_maxpool_conv, "MaxPool"), (conv_resize_conv, "Resize"),

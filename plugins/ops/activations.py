@@ -43,14 +43,14 @@ class ClipQuantizer(_QuantizedChainOp):
 class PointwiseActivationQuantizer(_QuantizedChainOp):
     op_types = ("LeakyRelu", "Sigmoid", "HardSigmoid")
 
-    def qoperator(self, node: onnx.NodeProto, q: QOperatorContext) -> list[onnx.NodeProto] | LeaveFloat | None:
+    def qoperator(self, node: onnx.NodeProto, q: QOperatorContext) -> list[onnx.NodeProto] | LeaveFloat:
         """QLinearSigmoid and QLinearLeakyRelu (com.microsoft); ONNX Runtime has no QLinearHardSigmoid.
         Relu and Clip need no kernel: the QOperator pass folds them into the Q before them."""
         if node.op_type == "Sigmoid":
             return qlinear_unary(node, q, "QLinearSigmoid")
         if node.op_type == "LeakyRelu":
             return qlinear_unary(node, q, "QLinearLeakyRelu", alpha=float(q.attribute(node, "alpha", 0.01)))
-        return None
+        return LeaveFloat(f"ONNX Runtime has no QLinear{node.op_type} kernel")
 
 
 @hookimpl
