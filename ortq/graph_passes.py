@@ -33,7 +33,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .graph import FreshNames, GraphIndex, node_label
-from .rewrite_qdq import drop_unused_constants
+from .rewrite_qdq import _subgraph_references, drop_unused_constants
 
 __all__ = [
     "fold_batch_norm", "fold_add_bias", "fold_constants", "make_batch_dynamic", "constant_foldable_nodes",
@@ -67,6 +67,8 @@ class _Graph(GraphIndex):
     def __init__(self, model: onnx.ModelProto) -> None:
         super().__init__(model)
         self.fresh = FreshNames(model)
+        # The index lists the main graph's readers only; an If/Loop/Scan body may read a tensor by name too.
+        self.subgraph_reads = _subgraph_references(model.graph)
 
     def add_initializer(self, base: str, value: np.ndarray) -> str:
         name = self.fresh(base)
@@ -74,8 +76,12 @@ class _Graph(GraphIndex):
         return name
 
     def single_reader(self, tensor: str, reader: onnx.NodeProto) -> bool:
+        """Only ``reader`` sees ``tensor``, so folding may rename or rescale it."""
         readers = self.consumers.get(tensor, [])
-        return tensor not in self.graph_outputs and len(readers) == 1 and readers[0] is reader
+        return (
+            tensor not in self.graph_outputs and tensor not in self.subgraph_reads
+            and len(readers) == 1 and readers[0] is reader
+        )
 
     def rank(self, tensor: str) -> int | None:
         shape = self.shape(tensor)

@@ -253,6 +253,36 @@ def test_constant_folding_keeps_values_only_a_subgraph_reads() -> None:
     np.testing.assert_array_equal(run(result.model, {"x": x, "cond": np.array(True)})[0], x + offset.astype(np.float32))
 
 
+def test_folding_leaves_a_tensor_a_subgraph_also_reads() -> None:
+    """A Conv output read by its BN and by an If's branch keeps its name and values: neither BN nor Add folds."""
+    rng = np.random.default_rng(5)
+    inits = {"w": rng.normal(size=(2, 1, 1, 1)).astype(np.float32), "c": np.array([[[[0.5]], [[-1.0]]]], np.float32)}
+
+    def branch(op: str, read: str, out: str) -> onnx.GraphProto:
+        return helper.make_graph([helper.make_node(op, [read], [out])], f"{op}_branch", [],
+                                 [helper.make_tensor_value_info(out, TensorProto.FLOAT, [1, 2, 3, 3])])
+
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["conv_out"]),
+        helper.make_node("BatchNormalization", ["conv_out", *_bn_stats(rng, "bn", inits["w"], inits)], ["y"]),
+        helper.make_node("Conv", ["x", "w"], ["conv2_out"]),
+        helper.make_node("Add", ["conv2_out", "c"], ["y2"]),
+        helper.make_node("If", ["cond"], ["z"], then_branch=branch("Identity", "conv2_out", "t"),
+                         else_branch=branch("Neg", "conv_out", "e")),
+    ]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 3, 3]),
+              helper.make_tensor_value_info("cond", TensorProto.BOOL, [])]
+    outputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 2, 3, 3]) for n in ("y", "y2", "z")]
+    model = _checked(nodes, inputs, outputs, inits, "subgraph_reader")
+    result = ortq.preprocess(model)
+    assert (result.batch_norms_folded, result.add_biases_folded) == (0, 0)
+    x = rng.normal(size=(1, 1, 3, 3)).astype(np.float32)
+    for cond in (True, False):
+        feed = {"x": x, "cond": np.array(cond)}
+        for got, want in zip(run(result.model, feed), run(model, feed)):
+            np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
 def test_batch_norm_after_a_grouped_conv_transpose_stays() -> None:
     """With groups, a ConvTranspose's output channels span two weight axes: its BN is kept, the bias Add folds."""
     rng = np.random.default_rng(3)
