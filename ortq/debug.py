@@ -20,8 +20,9 @@ Matching a quantized tensor to its float counterpart works on the structure firs
 ``_DequantizeLinear_Output``), QOperator models (QLinearConv, QLinearMatMul, com.microsoft QLinearAdd ...,
 whose integer outputs are dequantized here with the scale and zero point their producer writes), dynamic
 quantization (DynamicQuantizeLinear's per-batch scale is fetched with each batch; the int8 weights of
-MatMulIntegerToFloat / DynamicQuantizeMatMul are matched; the float tensors those kernels write are
-compared by name) and QAT exports all match where the information is there. Statistics are streamed batch
+MatMulIntegerToFloat / DynamicQuantizeMatMul / QAttention and DynamicQuantizeLSTM's W and R, transposed back
+to the LSTM's layout, are matched; the float tensors those kernels write are compared by name) and QAT
+exports all match where the information is there. Statistics are streamed batch
 by batch (sums only), so memory does not grow with the number of samples.
 
 Not covered: blocked quantization (DequantizeLinear ``block_size``), ConvInteger / MatMulInteger (no scale
@@ -36,7 +37,7 @@ import math
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, NamedTuple, Sequence
 
 import numpy as np
 import onnx
@@ -112,10 +113,18 @@ class MatchedTensor:
     # Dynamic quantization: scale and zero point computed at run time (DynamicQuantizeLinear's outputs),
     # fetched with every batch; ``scale`` / ``zero_point`` are then placeholders until the batch is known.
     runtime_params: tuple[str, str | None] | None = None
+    # A kernel that stores its weight in its own layout (DynamicQuantizeLSTM: [directions, input, 4*hidden]
+    # for the LSTM's [directions, 4*hidden, input]): the transposition back to the float model's layout,
+    # in which ``axis`` is given. None: the same layout.
+    perm: tuple[int, ...] | None = None
 
     @property
     def qrange(self) -> tuple[int, int]:
         return _INTEGER_RANGES[self.elem_type]
+
+    def float_layout(self, q: np.ndarray) -> np.ndarray:
+        """The integer tensor as the float model lays its counterpart out (a view, nothing copied)."""
+        return q.transpose(self.perm) if self.perm is not None and q.ndim == len(self.perm) else q
 
     def dequantize(self, q: np.ndarray) -> np.ndarray:
         scale, zp = self._broadcast(q.ndim)
@@ -149,8 +158,11 @@ class MatchedTensor:
         zp = self.zero_point.astype(np.float64)
         if self.axis is None or scale.size == 1:
             return scale.reshape(()), zp.reshape(())
+        # A scale of rank k runs along axes axis .. axis+k-1 (DynamicQuantizeLSTM's per-gate-column scales
+        # [directions, 4*hidden] along W's first two axes); rank 1 is the usual per-channel axis.
         shape = [1] * ndim
-        shape[self.axis % ndim] = scale.size
+        start = self.axis % ndim
+        shape[start : start + scale.ndim] = scale.shape
         return scale.reshape(shape), zp.reshape(shape)
 
 
@@ -187,7 +199,8 @@ def match_tensors(float_model: onnx.ModelProto, quantized_model: onnx.ModelProto
     qnames = set(qidx.producer) | set(qidx.initializers) | qidx.graph_inputs
     found: list[MatchedTensor] = []
     unmatched: list[str] = []
-    for name, (scale, zero_point, axis, runtime) in _quantized_tensors(qidx).items():
+    for name, site in _quantized_tensors(qidx).items():
+        scale, zero_point = site.scale, site.zero_point
         elem_type = _integer_type(qidx, name, zero_point)
         if elem_type not in _INTEGER_RANGES:
             unmatched.append(name)
@@ -202,8 +215,8 @@ def match_tensors(float_model: onnx.ModelProto, quantized_model: onnx.ModelProto
         float_name = _folded_activation(float_name, zero_point, elem_type, fidx, qnames)
         found.append(MatchedTensor(
             name=name, float_name=float_name, scale=scale, zero_point=np.asarray(zero_point),
-            axis=axis if scale.size > 1 else None, elem_type=elem_type,
-            constant=qidx.is_constant(name), matched_by=how, runtime_params=runtime,
+            axis=site.axis if scale.size > 1 else None, elem_type=elem_type,
+            constant=qidx.is_constant(name), matched_by=how, runtime_params=site.runtime_params, perm=site.perm,
         ))
     return found, unmatched
 
@@ -241,27 +254,54 @@ _QOPERATOR: dict[str, tuple[tuple[int, ...], tuple[int, int] | None, int | None]
 }
 
 
-#: (weight, scale, zero point) input positions of ONNX Runtime's dynamic kernels; weights are per column.
-_DYNAMIC_WEIGHTS = {"MatMulIntegerToFloat": (1, 3, 5), "DynamicQuantizeMatMul": (1, 2, 3)}
-#: Integer kernels that write float: their outputs are compared by name with the float model's.
-FLOAT_OUTPUT_KERNELS = frozenset({"MatMulIntegerToFloat", "DynamicQuantizeMatMul"})
+class _KernelWeight(NamedTuple):
+    """Where one of a dynamic kernel's constant integer weights and its parameters are, and how they relate
+    to the float model's weight (``axis`` in the float layout; ``perm`` from the kernel's layout to it)."""
 
-_Site = tuple[np.ndarray, "np.ndarray | None", int, "tuple[str, str | None] | None"]
+    weight: int
+    scale: int
+    zero_point: int
+    axis: int = -1  # MatMul-like weights are per column
+    perm: tuple[int, ...] | None = None
+
+
+#: ONNX Runtime's dynamic kernels and their constant weights (the activations they quantize themselves,
+#: in the kernel, are not visible). DynamicQuantizeLSTM keeps W / R as [directions, k, 4*hidden], the
+#: LSTM's transposed, with scales per direction or per gate column ([directions, 4*hidden]).
+_DYNAMIC_WEIGHTS: dict[str, tuple[_KernelWeight, ...]] = {
+    "MatMulIntegerToFloat": (_KernelWeight(1, 3, 5),),
+    "DynamicQuantizeMatMul": (_KernelWeight(1, 2, 3),),
+    "QAttention": (_KernelWeight(1, 4, 7),),
+    "DynamicQuantizeLSTM": (_KernelWeight(1, 8, 9, axis=0, perm=(0, 2, 1)),  # W
+                            _KernelWeight(2, 10, 11, axis=0, perm=(0, 2, 1))),  # R
+}
+#: Integer kernels that write float: their outputs are compared by name with the float model's. Every dynamic
+#: kernel does (float in, float out, integers only inside).
+FLOAT_OUTPUT_KERNELS = frozenset(_DYNAMIC_WEIGHTS)
+
+
+class _Site(NamedTuple):
+    scale: np.ndarray
+    zero_point: np.ndarray | None
+    axis: int
+    # Dynamic quantization: the names of the scale and zero point computed at run time.
+    runtime_params: tuple[str, str | None] | None = None
+    perm: tuple[int, ...] | None = None
 
 
 def _quantized_tensors(qidx: GraphIndex) -> dict[str, _Site]:
-    """Integer tensor -> (scale, zero point or None, per-channel axis, run-time parameter names or None);
-    the first statement in graph order wins."""
+    """Integer tensor -> where its scale and zero point come from (:class:`_Site`); the first statement in
+    graph order wins."""
     out: dict[str, _Site] = {}
 
-    def add(tensor: str, scale_name: str, zp_name: str | None, axis: int) -> None:
+    def add(tensor: str, scale_name: str, zp_name: str | None, axis: int, perm: tuple[int, ...] | None = None) -> None:
         if not tensor or tensor in out:
             return
         scale = qidx.constant_value(scale_name) if scale_name else None
         zero_point = qidx.constant_value(zp_name) if zp_name else None
         if scale is None or scale.dtype.kind != "f" or (zero_point is not None and zero_point.dtype.kind not in "iu"):
             return
-        out[tensor] = (np.asarray(scale), zero_point, axis, None)
+        out[tensor] = _Site(np.asarray(scale), zero_point, axis, perm=perm)
 
     def arg(node: onnx.NodeProto, i: int) -> str | None:
         return node.input[i] if i < len(node.input) and node.input[i] else None
@@ -269,12 +309,13 @@ def _quantized_tensors(qidx: GraphIndex) -> dict[str, _Site]:
     for node in qidx.graph.node:
         if node.op_type == "DynamicQuantizeLinear" and len(node.output) == 3 and node.output[0] not in out:
             # uint8, per tensor, scale and zero point chosen per batch: placeholders until run time.
-            out[node.output[0]] = (np.ones((), np.float32), np.zeros((), np.uint8), 0, (node.output[1], node.output[2]))
+            out[node.output[0]] = _Site(np.ones((), np.float32), np.zeros((), np.uint8), 0,
+                                        (node.output[1], node.output[2]))
             continue
         if node.op_type in _DYNAMIC_WEIGHTS:
-            w, sc, zp = _DYNAMIC_WEIGHTS[node.op_type]
-            if arg(node, w) and arg(node, sc) and qidx.is_constant(node.input[w]):
-                add(node.input[w], node.input[sc], arg(node, zp), -1)
+            for kw in _DYNAMIC_WEIGHTS[node.op_type]:
+                if arg(node, kw.weight) and arg(node, kw.scale) and qidx.is_constant(node.input[kw.weight]):
+                    add(node.input[kw.weight], node.input[kw.scale], arg(node, kw.zero_point), kw.axis, kw.perm)
             continue
         if node.op_type == "DequantizeLinear":
             if int(qidx.attribute(node, "block_size", 0) or 0):
@@ -304,7 +345,7 @@ def _quantized_tensors(qidx: GraphIndex) -> dict[str, _Site]:
             s_in, s_w = qidx.constant_value(node.input[1]), qidx.constant_value(node.input[4])
             if s_in is not None and s_w is not None and node.input[bias] not in out:
                 scale = (s_in.astype(np.float64) * s_w.astype(np.float64)).astype(np.float32)
-                out[node.input[bias]] = (scale, None, 0, None)
+                out[node.input[bias]] = _Site(scale, None, 0)
     return out
 
 
@@ -478,13 +519,15 @@ def _weight_axis(q: MatchedTensor, shape: tuple[int, ...], consumer: onnx.NodePr
     """The weight's output-channel axis: the per-channel quantization axis, else the consumer's layout."""
     if not shape or len(shape) < 2:
         return None
+    if consumer is not None and consumer.op_type in ("LSTM", "GRU", "RNN") and len(shape) == 3:
+        return 1  # W / R are [directions, gates * hidden, k]: a gate row is an output channel, whatever the scales
     if q.axis is not None:
         return q.axis % len(shape)
     if consumer is None:
         return 0
     if consumer.op_type == "Gemm":
         return 0 if fidx.attribute(consumer, "transB", 0) else 1
-    if consumer.op_type == "MatMul":
+    if consumer.op_type in ("MatMul", "Attention"):  # com.microsoft.Attention's QKV weight is [input, 3 * hidden]
         return len(shape) - 1
     return 0
 
@@ -500,7 +543,7 @@ class TensorComparison:
     tensor: str  # the float model's name
     quantized_tensor: str | None  # the integer tensor in the quantized model (None: an unquantized output)
     # "activation", "weight" (biases too), "output" (a graph output the quantized model leaves float) or
-    # "float" (a float tensor an integer kernel writes, e.g. MatMulIntegerToFloat in dynamic quantization)
+    # "float" (a float tensor a dynamic integer kernel writes: MatMulIntegerToFloat, DynamicQuantizeLSTM ...)
     kind: str
     node: str | None  # the float model's producer (activations) or first consumer (weights)
     op_type: str | None
@@ -720,6 +763,7 @@ class _Runner:
         for m in self.const:
             ref = self.fidx.constant_value(m.float_name)
             q = self.qidx.constant_value(m.name)
+            q = m.float_layout(q) if q is not None else None
             if ref is None or q is None or ref.shape != q.shape:
                 log.warning("weight %r: float shape %s and quantized shape %s differ; skipped", m.float_name,
                             None if ref is None else ref.shape, None if q is None else q.shape)
@@ -749,7 +793,7 @@ class _Runner:
             fvalues.update(feed)
             qvalues = dict(zip(quant_fetch, self._run(qsession, quant_fetch, feed, self.qlabel, index)))
             for m in self.live:
-                ref, q = np.asarray(fvalues[m.float_name]), np.asarray(qvalues[m.name])
+                ref, q = np.asarray(fvalues[m.float_name]), m.float_layout(np.asarray(qvalues[m.name]))
                 if ref.dtype.kind != "f" or q.dtype.kind not in "iu" or not self._compatible(m.name, m.float_name, ref, q):
                     continue
                 if m.runtime_params:

@@ -443,3 +443,78 @@ def test_integer_graph_output_is_left_out(toolkit: ortq.Toolkit) -> None:
     rows = {r.tensor: r for r in report.tensors}
     assert "label" not in rows
     assert {"x", "r1", "y", "w1"} <= rows.keys() and rows["y"].sqnr_db > 20
+
+
+def _dequantized(model: onnx.ModelProto, node: onnx.NodeProto, weight: int, scale: int, zero_point: int) -> np.ndarray:
+    """A kernel's integer weight dequantized by hand, in the kernel's own layout (per-column scales on the last
+    axis, per-direction ones on the first)."""
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    q = inits[node.input[weight]].astype(np.float64)
+    s, z = inits[node.input[scale]].astype(np.float64), inits[node.input[zero_point]].astype(np.float64)
+    if q.ndim == 3:  # DynamicQuantizeLSTM: [directions, k, 4*hidden], scales [directions] or [directions, 4*hidden]
+        s, z = (s[:, None, None], z[:, None, None]) if s.ndim == 1 else (s[:, None, :], z[:, None, :])
+    return (q - z) * s
+
+
+def _channel_mean_db(ref: np.ndarray, actual: np.ndarray, axis: int) -> float:
+    moved = np.moveaxis(ref.astype(np.float64), axis, 0).reshape(ref.shape[axis], -1)
+    err = moved - np.moveaxis(actual, axis, 0).reshape(ref.shape[axis], -1)
+    return float(np.mean(np.minimum(10 * np.log10((moved**2).sum(1) / (err**2).sum(1)), 120.0)))
+
+
+@pytest.mark.parametrize("quantizer", ["ortq", "onnxruntime"])
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_dynamic_lstm_weights_and_outputs(tmp_path: Path, quantizer: str, per_channel: bool) -> None:
+    """DynamicQuantizeLSTM keeps W and R transposed ([directions, k, 4*hidden]) with per-direction or per-gate-
+    column scales: both are compared with the float LSTM's W and R in its layout (per-channel statistics over
+    the gate rows), and its float outputs by name, for ortq's models and ONNX Runtime's quantize_dynamic's."""
+    from test_dynamic import _lstm_model
+
+    model, feed = _lstm_model("bidirectional")
+    if quantizer == "ortq":
+        quantized = ortq.Toolkit(autoload=False).quantize_dynamic(model, None, per_channel=per_channel).model
+    else:
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        onnx.save(model, tmp_path / "lstm.onnx")
+        quantize_dynamic(tmp_path / "lstm.onnx", tmp_path / "lstm.q.onnx", per_channel=per_channel,
+                         weight_type=QuantType.QInt8)
+        quantized = onnx.load(tmp_path / "lstm.q.onnx")
+    lstm = next(n for n in quantized.graph.node if n.op_type == "DynamicQuantizeLSTM")
+    report = debug_models(model, quantized, [feed])
+    assert report.unmatched == []
+    rows = {r.tensor: r for r in report.tensors}
+    floats = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    for name, (weight, scale, zero_point) in (("W", (1, 8, 9)), ("R", (2, 10, 11))):
+        row = rows[name]
+        assert (row.kind, row.quantized_tensor, row.node, row.op_type) == ("weight", lstm.input[weight], "lstm", "LSTM")
+        deq = _dequantized(quantized, lstm, weight, scale, zero_point).transpose(0, 2, 1)
+        assert row.sqnr_db == pytest.approx(ortq.metrics.sqnr_db(floats[name], deq), abs=1e-9) and row.sqnr_db > 35
+        assert row.channel_sqnr_db == pytest.approx(_channel_mean_db(floats[name], deq, 1), abs=1e-9)
+        assert row.injected_sqnr_db == pytest.approx(row.sqnr_db, abs=0.01)  # the same parameters, simulated
+    assert rows["Y_h"].kind == ("float" if quantizer == "ortq" else "activation") and rows["Y_h"].sqnr_db > 30
+    assert rows["Y"].kind == "output" and rows["Y"].sqnr_db > 30
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_qattention_weight_and_output(per_channel: bool) -> None:
+    """QAttention's int8 QKV weight is compared with com.microsoft.Attention's (per column when per-channel);
+    the attention's float output, which QAttention writes, by name."""
+    pytest.importorskip("sympy", reason="symbolic shape inference needs the preprocess extra")
+    from test_dynamic_attention import _feeds, _fused_encoder
+
+    model = ortq.preprocess(_fused_encoder()).model
+    quantized = ortq.Toolkit(autoload=False).quantize_dynamic(model, None, per_channel=per_channel).model
+    attention = next(n for n in quantized.graph.node if n.op_type == "QAttention")
+    report = debug_models(model, quantized, [_feeds()])
+    rows = {r.tensor: r for r in report.tensors}
+    qkv = rows["qkv"]
+    assert (qkv.kind, qkv.quantized_tensor, qkv.op_type, qkv.per_channel) == ("weight", attention.input[1], "Attention",
+                                                                              per_channel)
+    deq = _dequantized(quantized, attention, 1, 4, 7)
+    ref = numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == "qkv"))
+    assert qkv.sqnr_db == pytest.approx(ortq.metrics.sqnr_db(ref, deq), abs=1e-9) and qkv.sqnr_db > 35
+    assert qkv.channel_sqnr_db == pytest.approx(_channel_mean_db(ref, deq, 1), abs=1e-9)  # per output column
+    context = rows["context"]
+    assert context.kind == "float" and context.quantized_tensor is None and context.sqnr_db > 25
+    assert rows["x"].kind == "activation" and rows["x"].scale is None  # DynamicQuantizeLinear's per-batch scale
