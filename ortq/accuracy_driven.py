@@ -26,7 +26,7 @@ import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import onnx
@@ -294,25 +294,37 @@ def quantize_to_target(
             values[k] = scorer.score_model(trials.build({n for u in useful[:k] for n in u.nodes}).model)
         return values[k]
 
-    lo, hi = 0, None  # lo: largest prefix known to miss (0, the fully quantized model, missed)
-    for k in _doubling(len(useful)):
-        if scorer.meets(value_of(k)):
-            hi = k
-            break
-        lo = k
+    hi = _shortest_prefix(len(useful), lambda k: scorer.meets(value_of(k)))
     if hi is None:
         best = max(values, key=lambda k: (scorer.better(values[k], base_value), -k))
         log.warning("%s: keeping up to %d tensor(s) in float does not meet %s; returning the best model tried",
                     p.label, len(useful), target.describe())
         return finish(useful[:best], ranking, values[best])
+    kept, value = _drop_unneeded(useful[:hi], value_of(hi), scorer, trials)
+    return finish(kept, ranking, value)
+
+
+def _shortest_prefix(n: int, meets: Callable[[int], bool]) -> int | None:
+    """The smallest k in 1..n with ``meets(k)`` (assuming longer prefixes do no worse), or None.
+
+    Doubling first, then bisection between the last miss and the first hit: about 2 * log2(k) calls, where
+    a linear scan would cost k and plain bisection over 1..n would try long prefixes even when k is 1.
+    """
+    lo, hi = 0, None  # lo: longest prefix known to miss (0, the fully quantized model, missed)
+    for k in _doubling(n):
+        if meets(k):
+            hi = k
+            break
+        lo = k
+    if hi is None:
+        return None
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        if scorer.meets(value_of(mid)):
+        if meets(mid):
             hi = mid
         else:
             lo = mid
-    kept, value = _drop_unneeded(useful[:hi], value_of(hi), scorer, trials)
-    return finish(kept, ranking, value)
+    return hi
 
 
 def _drop_unneeded(kept: list[TensorSensitivity], value: float, scorer: _Scorer,
@@ -330,6 +342,7 @@ def _drop_unneeded(kept: list[TensorSensitivity], value: float, scorer: _Scorer,
 
 
 def _doubling(n: int) -> list[int]:
+    """1, 2, 4, ... below n, then n itself."""
     steps, k = [], 1
     while k < n:
         steps.append(k)
@@ -370,7 +383,7 @@ def _units(plan: QuantPlan, index: GraphIndex) -> list[TensorSensitivity]:
         tp = plan.tensors[tensor]
         if not isinstance(tp.role, Activation):
             continue
-        tensors, nodes = _closure(tensor, plan, index, sharing)
+        nodes = _closure(tensor, plan, index, sharing)
         if not nodes:
             continue
         ordered = sorted(nodes, key=lambda n: order.get(n, 0))
@@ -379,8 +392,9 @@ def _units(plan: QuantPlan, index: GraphIndex) -> list[TensorSensitivity]:
     return units
 
 
-def _closure(tensor: str, plan: QuantPlan, index: GraphIndex, sharing: dict[str, list[str]]) -> tuple[set[str], set[str]]:
-    """Tensors tied to ``tensor`` (sharing its parameters, or fused away into it) and their quantized nodes."""
+def _closure(tensor: str, plan: QuantPlan, index: GraphIndex, sharing: dict[str, list[str]]) -> set[str]:
+    """The quantized nodes around ``tensor`` and the tensors tied to it (sharing its parameters, or fused away
+    into it): what keeping it float keeps float."""
     tensors, nodes = {tensor}, set()
     stack = [tensor]
     while stack:
@@ -400,7 +414,7 @@ def _closure(tensor: str, plan: QuantPlan, index: GraphIndex, sharing: dict[str,
             if shared not in tensors:
                 tensors.add(shared)
                 stack.append(shared)
-    return tensors, nodes
+    return nodes
 
 
 def _evaluation_set(

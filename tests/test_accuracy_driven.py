@@ -212,3 +212,16 @@ def test_backward_elimination_drops_tensors_the_others_make_unneeded() -> None:
     kept, value = _drop_unneeded(units, 40.0, scorer, trials)
     assert [u.tensor for u in kept] == ["b"] and value == 40.0
     assert len(built) == 3  # one trial per tensor of the prefix: c dropped, b needed, a dropped
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 7, 8, 9, 33])
+def test_shortest_prefix_finds_the_first_hit_in_few_calls(n: int) -> None:
+    from ortq.accuracy_driven import _shortest_prefix
+
+    for first in range(1, n + 1):
+        calls: list[int] = []
+        found = _shortest_prefix(n, lambda k: calls.append(k) or k >= first)
+        assert found == first
+        assert len(calls) <= 2 * int(np.ceil(np.log2(first + 1))) + 1
+    assert _shortest_prefix(n, lambda k: False) is None
+    assert _shortest_prefix(0, lambda k: True) is None
