@@ -516,7 +516,7 @@ def quantize_qat(
 
     # The input model's outputs, taken before it is completed in place: no second copy of the weights.
     t1 = time.perf_counter()
-    feeds, reference = _reference_outputs(proto, verify_data, batch_size, max_samples, providers)
+    feeds, reference = _reference_outputs(proto, label, verify_data, batch_size, max_samples, providers)
     timings["reference"] = time.perf_counter() - t1
 
     t1 = time.perf_counter()
@@ -543,7 +543,8 @@ def quantize_qat(
 
 
 def _reference_outputs(
-    model: onnx.ModelProto, data: Any, batch_size: int | None, max_samples: int | None, providers: Sequence[Any] | None
+    model: onnx.ModelProto, label: str, data: Any, batch_size: int | None, max_samples: int | None,
+    providers: Sequence[Any] | None,
 ) -> tuple[list[dict[str, np.ndarray]], list[dict[str, np.ndarray]]]:
     """The input model's outputs on ``data``: what the completed model must stay close to."""
     if data is None:
@@ -554,7 +555,7 @@ def _reference_outputs(
     try:
         session = make_session(model, providers)
     except Exception as exc:
-        raise ModelError(f"ONNX Runtime cannot load the input QAT model to compare with: {exc}") from None
+        raise ModelError(f"{label}: ONNX Runtime cannot load the input model to compare with: {exc}") from None
     names = [o.name for o in session.get_outputs()]
     feeds, reference = [], []
     for feed in iter_batches(data, model_inputs(model), batch_size, max_samples):

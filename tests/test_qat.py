@@ -226,6 +226,18 @@ def test_int32_bias_zero_point_must_be_zero(toolkit: ortq.Toolkit) -> None:
         toolkit.quantize_qat(model, None)
 
 
+def test_unrunnable_input_is_named(toolkit: ortq.Toolkit, tmp_path: Path) -> None:
+    """An input ONNX Runtime cannot run (an op it does not know) fails the comparison, naming the file."""
+    model = qat_model()
+    model.graph.node[-1].output[0] = "y_pre"
+    model.graph.node.append(helper.make_node("Mystery", ["y_pre"], ["y"], name="mystery", domain="test.custom"))
+    model.opset_import.append(helper.make_opsetid("test.custom", 1))
+    path = tmp_path / "mystery.onnx"
+    onnx.save(model, path)
+    with pytest.raises(ortq.ModelError, match=r"mystery\.onnx: ONNX Runtime cannot load the input model to compare with"):
+        toolkit.quantize_qat(path, None, verify_data=_data(4))
+
+
 def test_cli_qat(tmp_path: Path) -> None:
     model_path, data_path, out = tmp_path / "qat.onnx", tmp_path / "data.npz", tmp_path / "out.onnx"
     onnx.save(qat_model(), model_path)
