@@ -52,6 +52,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import ortq
 from ortq.metrics import sqnr_db
+from ortq.pipeline import QuantizationResult
 
 SQNR_FLOOR_DB = 15.0
 OPSET = 13
@@ -412,11 +413,8 @@ def _ill_conditioned(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> boo
     return False
 
 
-def check_case(case: Case, sqnrs: list[float] | None = None) -> str:
-    """The property; returns "ok..." , "error: ..." (a clean OrtqError), or raises AssertionError.
-
-    ``sqnrs``, if given, collects the output SQNRs of quantized cases (``benchmarks/fuzz_long.py`` reports them).
-    """
+def _float_reference(case: Case) -> list[np.ndarray]:
+    """The float model's outputs on the case's data; cases no 8-bit quantizer could pass are skipped (``assume``)."""
     onnx.checker.check_model(case.model, full_check=True)  # the generator's own contract
     reference = _run(case.model, case.data)
     assume(not _ill_conditioned(case.model, case.data))
@@ -424,28 +422,48 @@ def check_case(case: Case, sqnrs: list[float] | None = None) -> str:
         spread = float(np.std(ref))
         # A (nearly) constant float output (zero weights, saturated sigmoid) makes SQNR meaningless.
         assume(np.all(np.isfinite(ref)) and spread > 1e-6 * max(float(np.max(np.abs(ref))), 1e-30))
-    toolkit = ortq.Toolkit(autoload=False)
-    try:
-        result = toolkit.quantize(case.model, None, calibration_data=case.data, **case.options)
-    except BUG_ERRORS as exc:
-        raise AssertionError(f"{type(exc).__name__} on a valid model: {exc}\n{case!r}") from exc
-    except ortq.OrtqError as exc:
-        message = str(exc)
-        assert message and "\n" not in message.strip(), f"unclear error message {message!r}"
-        return f"error: {type(exc).__name__}: {message}"
+    return reference
+
+
+def _clean_error(exc: ortq.OrtqError) -> str:
+    """A refusal is a valid outcome if it is one clear line."""
+    message = str(exc)
+    assert message and "\n" not in message.strip(), f"unclear error message {message!r}"
+    return f"error: {type(exc).__name__}: {message}"
+
+
+def _check_quantized(case: Case, original: bytes, result: QuantizationResult, reference: list[np.ndarray],
+                     floor: float, describe: str, sqnrs: list[float] | None) -> str:
+    """The caller's model untouched, the result valid and every output within ``floor`` dB of float."""
+    assert case.model.SerializeToString() == original, "the caller's model was modified"
     onnx.checker.check_model(result.model, full_check=True)
     actual = _run(result.model, case.data)
     assert len(actual) == len(reference)
     for ref, act in zip(reference, actual):
         assert ref.shape == act.shape and act.dtype == ref.dtype
         sqnr = sqnr_db(ref, act)
-        assert sqnr >= SQNR_FLOOR_DB, (
-            f"output SQNR {sqnr:.1f} dB < {SQNR_FLOOR_DB} dB\n{case!r}\n"
-            f"quantized: {sorted(result.plan.quantized_nodes)}\nvetoes: {result.vetoes}"
-        )
+        assert sqnr >= floor, f"{describe}output SQNR {sqnr:.1f} dB < {floor} dB\n{case!r}"
         if sqnrs is not None and result.plan.quantized_nodes:
             sqnrs.append(sqnr)
     return "ok" if result.plan.quantized_nodes else "ok, nothing quantized"
+
+
+def check_case(case: Case, sqnrs: list[float] | None = None) -> str:
+    """The property; returns "ok..." , "error: ..." (a clean OrtqError), or raises AssertionError.
+
+    ``sqnrs``, if given, collects the output SQNRs of quantized cases (``benchmarks/fuzz_long.py`` reports them).
+    """
+    reference = _float_reference(case)
+    original = case.model.SerializeToString()
+    toolkit = ortq.Toolkit(autoload=False)
+    try:
+        result = toolkit.quantize(case.model, None, calibration_data=case.data, **case.options)
+    except BUG_ERRORS as exc:
+        raise AssertionError(f"{type(exc).__name__} on a valid model: {exc}\n{case!r}") from exc
+    except ortq.OrtqError as exc:
+        return _clean_error(exc)
+    describe = f"quantized: {sorted(result.plan.quantized_nodes)}, vetoes: {result.vetoes}\n"
+    return _check_quantized(case, original, result, reference, SQNR_FLOOR_DB, describe, sqnrs)
 
 
 #: Dynamic mode's floor. Only MatMul / Gemm (and Conv when asked for) are rewritten; each quantizes its
@@ -470,11 +488,7 @@ def check_dynamic_case(case: Case, options: dict, sqnrs: list[float] | None = No
 
     The calibration data serve as ``verify_data``, so ortq's own verification runs on them too.
     """
-    onnx.checker.check_model(case.model, full_check=True)
-    reference = _run(case.model, case.data)
-    assume(not _ill_conditioned(case.model, case.data))
-    for ref in reference:
-        assume(np.all(np.isfinite(ref)) and float(np.std(ref)) > 1e-6 * max(float(np.max(np.abs(ref))), 1e-30))
+    reference = _float_reference(case)
     original = case.model.SerializeToString()
     toolkit = ortq.Toolkit(autoload=False)
     try:
@@ -482,26 +496,13 @@ def check_dynamic_case(case: Case, options: dict, sqnrs: list[float] | None = No
     except ortq.VerificationError as exc:
         raise AssertionError(f"VerificationError on a valid model: {exc}\n{case!r}; {options}") from exc
     except ortq.OrtqError as exc:
-        message = str(exc)
-        assert message and "\n" not in message.strip(), f"unclear error message {message!r}"
-        return f"error: {type(exc).__name__}: {message}"
-    assert case.model.SerializeToString() == original, "the caller's model was modified"
-    onnx.checker.check_model(result.model, full_check=True)
-    actual = _run(result.model, case.data)
-    assert len(actual) == len(reference)
-    for ref, act in zip(reference, actual):
-        assert ref.shape == act.shape and act.dtype == ref.dtype
-        sqnr = sqnr_db(ref, act)
-        assert sqnr >= DYNAMIC_SQNR_FLOOR_DB, (
-            f"dynamic: output SQNR {sqnr:.1f} dB < {DYNAMIC_SQNR_FLOOR_DB} dB\n{case!r}; {options}\n"
-            f"quantized: {sorted(result.plan.quantized_nodes)}"
-        )
-        if sqnrs is not None and result.plan.quantized_nodes:
-            sqnrs.append(sqnr)
+        return _clean_error(exc)
+    describe = f"dynamic {options}, quantized: {sorted(result.plan.quantized_nodes)}\n"
+    outcome = _check_quantized(case, original, result, reference, DYNAMIC_SQNR_FLOOR_DB, describe, sqnrs)
     ops = {n.op_type for n in result.model.graph.node}
     if result.plan.quantized_nodes:  # the planned nodes became integer kernels
         assert ops & {"DynamicQuantizeMatMul", "MatMulIntegerToFloat", "ConvInteger"}, ops
-    return "ok" if result.plan.quantized_nodes else "ok, nothing quantized"
+    return outcome
 
 
 @pytest.fixture(autouse=True)
