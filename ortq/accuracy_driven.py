@@ -35,8 +35,9 @@ from .calibrate import run_calibration
 from .data import iter_batches, model_inputs
 from .errors import ConfigError
 from .graph import GraphIndex
-from .op_quantizer import Activation, SameAs
+from .op_quantizer import Activation, SameAs, Weight
 from .planner import QuantPlan, make_plan
+from .scheme import QuantType
 from .state import CalibrationState
 from .verify import make_session
 
@@ -88,6 +89,10 @@ class TensorSensitivity:
     gain: float | None
     #: Noise-to-signal ratio its own quantizer injects into the float activations (the pre-selection score).
     injected_nsr: float | None = None
+    #: Weights of the nodes reading or writing it, widened with it by the 16-bit fallback: a range problem
+    #: in an activation usually comes with one in the weights that undo it (an outlier channel scaled back
+    #: down by tiny weights, which 8 bits round to zero).
+    weights: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -100,10 +105,13 @@ class AccuracyDrivenResult:
     quantized_value: float
     final_value: float
     met: bool
-    #: Tensors kept float, most sensitive first; their nodes are the result's extra float nodes.
+    #: Tensors kept float (or 16-bit), most sensitive first; with "float", their nodes are the result's extra
+    #: float nodes.
     kept: list[TensorSensitivity]
     ranking: list[TensorSensitivity]
     trials: int
+    #: What the kept tensors became: "float" or "16bit".
+    fallback: str = "float"
 
     def summary(self) -> str:
         lines = [
@@ -113,7 +121,11 @@ class AccuracyDrivenResult:
         ]
         for s in self.kept:
             gain = f"{s.gain:+.4g}" if s.gain is not None else "n/a"
-            lines.append(f"kept float: tensor {s.tensor!r} (nodes {', '.join(s.nodes)}), gain {gain} alone")
+            if self.fallback == "float":
+                lines.append(f"kept float: tensor {s.tensor!r} (nodes {', '.join(s.nodes)}), gain {gain} alone")
+            else:
+                with_weights = f" with weights {', '.join(s.weights)}" if s.weights else ""
+                lines.append(f"kept in 16 bits: tensor {s.tensor!r}{with_weights}, gain {gain} alone")
         return "\n".join(lines)
 
 
@@ -184,21 +196,42 @@ def _each_warning_once() -> Iterator[None]:
             logger.removeFilter(first_time)
 
 
+#: What a kept tensor becomes: float (its nodes leave the integer kernels), or 16-bit (its nodes stay quantized,
+#: for targets with 16-bit kernels; ONNX Runtime's CPU provider has none and runs such nodes in float with
+#: extra Q/DQ, so float is the faster choice there).
+FALLBACKS = ("float", "16bit")
+
+
 class _Trials:
-    """Builds the model with a given set of nodes kept float, always from the one calibration state."""
+    """Builds the model with given tensors kept float or 16-bit, always from the one calibration state."""
 
     def __init__(self, toolkit: Toolkit, source: Any, state: CalibrationState, backend: str,
-                 user_excluded: set[str], providers: Sequence[Any] | None, overrides: dict[str, Any]) -> None:
+                 user_excluded: set[str], providers: Sequence[Any] | None, overrides: dict[str, Any],
+                 wide_type: str | None) -> None:
         self.toolkit, self.source, self.state, self.backend = toolkit, source, state, backend
         self.user_excluded, self.providers, self.overrides = user_excluded, providers, overrides
+        self.wide_type = wide_type  # None: kept tensors go float
 
-    def build(self, excluded: Iterable[str], output: str | Path | None = None, verify: bool = False) -> QuantizationResult:
+    def cost(self, unit: TensorSensitivity) -> int:
+        """What keeping ``unit`` costs: the nodes that leave the integer kernels, or one wider tensor."""
+        return len(unit.nodes) if self.wide_type is None else 1
+
+    def build(self, kept: Iterable[TensorSensitivity], output: str | Path | None = None,
+              verify: bool = False) -> QuantizationResult:
         from .pipeline import quantize
 
-        names = sorted(set(excluded) | self.user_excluded)
+        kept = list(kept)
+        excluded = set(self.user_excluded)
+        widened = None
+        if self.wide_type is None:
+            excluded.update(n for u in kept for n in u.nodes)
+        elif kept:
+            widened = {u.tensor: [{"quant_type": self.wide_type}] for u in kept}
+            widened.update({w: [{"quant_type": "int16"}] for u in kept for w in u.weights})
         return quantize(
             self.toolkit, self.source, output, calibration_state=self.state, target=self.backend, verify=verify,
-            nodes_to_exclude=names or None, providers=self.providers, **self.overrides,
+            nodes_to_exclude=sorted(excluded) or None, tensor_overrides=widened, providers=self.providers,
+            **self.overrides,
         )
 
 
@@ -217,6 +250,7 @@ def quantize_to_target(
     max_samples: int | None = None,
     eval_samples: int | None = 256,
     max_rank_trials: int = 64,
+    fallback: str = "float",
     image_options: Any = None,
     providers: Sequence[Any] | None = None,
     **overrides: Any,
@@ -225,8 +259,9 @@ def quantize_to_target(
 
     ``eval_data`` (default: the calibration data, which flatters the result; give held-out data when you
     have it) is scored with ``target.metric``; ``labels`` are passed to metrics that need them, aligned with
-    the evaluation samples. Other options are those of :func:`ortq.pipeline.quantize`. If no prefix of the
-    ranking meets the target, the best model tried is returned with ``met=False`` and a warning.
+    the evaluation samples. ``fallback`` is what a kept tensor becomes (see :data:`FALLBACKS`). Other options
+    are those of :func:`ortq.pipeline.quantize`. If no prefix of the ranking meets the target, the best model
+    tried is returned with ``met=False`` and a warning.
     """
     from .pipeline import _prepare
 
@@ -234,10 +269,12 @@ def quantize_to_target(
         raise ConfigError("accuracy-driven quantization calibrates once itself and always verifies")
     if max_rank_trials < 1:
         raise ConfigError("max_rank_trials must be at least 1")
+    if fallback not in FALLBACKS:
+        raise ConfigError(f"fallback {fallback!r} is not one of {', '.join(FALLBACKS)}")
     user_excluded = set(overrides.pop("nodes_to_exclude", None) or ())
 
     # 1. One calibration observing every tensor a trial could quantize.
-    p = _prepare(toolkit, model, backend, dict(overrides), fingerprint=True)
+    p = _prepare(toolkit, model, backend, dict(overrides), fingerprint=True, refuse_qdq=True)
     p.config.nodes_to_exclude = frozenset(user_excluded)
     index = GraphIndex(p.model)
     plan = make_plan(toolkit, index, p.config, p.backend)
@@ -249,7 +286,8 @@ def quantize_to_target(
     )
     state = CalibrationState(p.fingerprint or "", p.config.calibrator, calibration.statistics,
                              calibration.samples, calibration.batches, p.model.graph.name)
-    trials = _Trials(toolkit, model, state, backend, user_excluded, providers, overrides)
+    trials = _Trials(toolkit, model, state, backend, user_excluded, providers, overrides,
+                     _wide_type(p.config.activation.qtype) if fallback == "16bit" else None)
 
     # 2. Evaluation data and the float reference, once.
     feeds, reference, label_batches = _evaluation_set(
@@ -257,33 +295,32 @@ def quantize_to_target(
         image_options, providers,
     )
     scorer = _Scorer(toolkit, target, feeds, reference, label_batches, providers)
-    baseline = trials.build(())
+    baseline = trials.build([])
     base_value = scorer.score_model(baseline.model)
     log.info("target %s: float %.4g, fully quantized %.4g", target.describe(), scorer.float_value, base_value)
 
     def finish(kept: list[TensorSensitivity], ranking: list[TensorSensitivity], value: float) -> AccuracyDrivenResult:
-        nodes = {n for u in kept for n in u.nodes}
-        result = trials.build(nodes, output, verify=True)  # written atomically, verified like any quantization
+        result = trials.build(kept, output, verify=True)  # written atomically, verified like any quantization
         return AccuracyDrivenResult(result, target, scorer.float_value, base_value, value, scorer.meets(value),
-                                    kept, ranking, scorer.trials)
+                                    kept, ranking, scorer.trials, fallback)
 
     if scorer.meets(base_value):
         return finish([], [], base_value)
 
     # 3. Rank candidate tensors by the gain of keeping each one float alone.
-    units = _units(baseline.plan, index)
+    units = _units(baseline.plan, index, plan)
     _preselect(units, p.model, baseline, feeds[:4], providers)
     units.sort(key=lambda u: -(u.injected_nsr or 0.0))
     if len(units) > max_rank_trials:
         log.info("ranking the %d of %d tensors whose quantizers inject the most noise", max_rank_trials, len(units))
     ranked, unranked = units[:max_rank_trials], units[max_rank_trials:]
     for unit in ranked:
-        unit.value = scorer.score_model(trials.build(unit.nodes).model)
+        unit.value = scorer.score_model(trials.build([unit]).model)
         unit.gain = scorer.better(unit.value, base_value)
-    # Gain per node kept float first (two tensors that both fix the damage: the one costing fewer float nodes);
+    # Gain per cost first (two tensors that both fix the damage: the one costing fewer float nodes);
     # the injected noise breaks ties (a coarse metric such as top-1 agreement on a few samples often scores
     # one tensor alone as no gain at all, while several together do matter).
-    ranking = sorted(ranked, key=lambda u: (-(u.gain or 0.0) / len(u.nodes), -(u.injected_nsr or 0.0))) + unranked
+    ranking = sorted(ranked, key=lambda u: (-(u.gain or 0.0) / trials.cost(u), -(u.injected_nsr or 0.0))) + unranked
     useful = [u for u in ranking if u.gain is None or u.gain >= 0]  # a tensor whose float copy hurts never helps
 
     # 4. Smallest prefix of the ranking that meets the target: doubling, then bisection.
@@ -291,7 +328,7 @@ def quantize_to_target(
 
     def value_of(k: int) -> float:
         if k not in values:
-            values[k] = scorer.score_model(trials.build({n for u in useful[:k] for n in u.nodes}).model)
+            values[k] = scorer.score_model(trials.build(useful[:k]).model)
         return values[k]
 
     hi = _shortest_prefix(len(useful), lambda k: scorer.meets(value_of(k)))
@@ -335,10 +372,17 @@ def _drop_unneeded(kept: list[TensorSensitivity], value: float, scorer: _Scorer,
         if len(kept) == 1:
             break
         rest = [u for u in kept if u is not unit]
-        trial_value = scorer.score_model(trials.build({n for u in rest for n in u.nodes}).model)
+        trial_value = scorer.score_model(trials.build(rest).model)
         if scorer.meets(trial_value):
             kept, value = rest, trial_value
     return kept, value
+
+
+def _wide_type(activation: QuantType) -> str:
+    """The 16-bit type of the same signedness as the 8-bit activations."""
+    if activation.bits != 8:
+        raise ConfigError(f"fallback='16bit' widens 8-bit activations; these are already {activation.name.lower()}")
+    return "uint16" if activation is QuantType.UINT8 else "int16"
 
 
 def _doubling(n: int) -> list[int]:
@@ -371,8 +415,9 @@ def _observable_tensors(plan: QuantPlan, index: GraphIndex) -> list[str]:
     return names
 
 
-def _units(plan: QuantPlan, index: GraphIndex) -> list[TensorSensitivity]:
-    """One candidate per calibrated activation tensor, with the nodes that keeping it float keeps float."""
+def _units(plan: QuantPlan, index: GraphIndex, unvetoed: QuantPlan) -> list[TensorSensitivity]:
+    """One candidate per calibrated activation tensor, with the nodes that keeping it float keeps float and
+    the weights around it (from the plan before vetoes, where every node that could be quantized is)."""
     sharing: dict[str, list[str]] = {}
     for tp in plan.tensors.values():
         if isinstance(tp.role, SameAs) and tp.source:
@@ -388,8 +433,19 @@ def _units(plan: QuantPlan, index: GraphIndex) -> list[TensorSensitivity]:
             continue
         ordered = sorted(nodes, key=lambda n: order.get(n, 0))
         ops = [plan.quantized_nodes[n] for n in ordered]
-        units.append(TensorSensitivity(tensor, ordered, ops, None, None))
+        units.append(TensorSensitivity(tensor, ordered, ops, None, None,
+                                       weights=_adjacent_weights(tensor, unvetoed, index)))
     return units
+
+
+def _adjacent_weights(tensor: str, plan: QuantPlan, index: GraphIndex) -> list[str]:
+    """Planned weights of the nodes writing ``tensor`` (through a fused activation) or reading it."""
+    nodes = [index.producer[tensor]] if tensor in index.producer else []
+    nodes += index.consumers.get(tensor, [])
+    names = {n.name for n in nodes}
+    for node in nodes:  # a Conv whose Relu was fused into it writes this tensor too
+        names.update(index.producer[i].name for i in node.input if i in plan.folded and i in index.producer)
+    return sorted(tp.name for tp in plan.tensors.values() if isinstance(tp.role, Weight) and tp.node in names)
 
 
 def _closure(tensor: str, plan: QuantPlan, index: GraphIndex, sharing: dict[str, list[str]]) -> set[str]:

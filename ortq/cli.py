@@ -107,7 +107,7 @@ def _make_image_options(image_size: str | None, image_resize: str | None, image_
         raise click.BadParameter(str(exc)) from None
 
 
-_ACCURACY_FLAGS = ("min_sqnr", "max_drop", "metric", "eval_data", "labels", "max_rank_trials")
+_ACCURACY_FLAGS = ("min_sqnr", "max_drop", "metric", "eval_data", "labels", "max_rank_trials", "fallback")
 
 
 def _accuracy_flags(command: Any) -> Any:
@@ -125,6 +125,9 @@ def _accuracy_flags(command: Any) -> Any:
                           ".npz), for label metrics such as accuracy."),
         click.option("--max-rank-trials", type=click.IntRange(min=1), default=64, show_default=True,
                      help="At most this many tensors are ranked by a trial each (the rest by injected noise)."),
+        click.option("--fallback", type=click.Choice(["float", "16bit"]), default="float", show_default=True,
+                     help="What a kept tensor becomes: float, or 16-bit with the weights around it (for targets "
+                          "with 16-bit kernels; ONNX Runtime's CPU provider has none, float is faster there)."),
     ]
     for option in reversed(options):
         command = option(command)
@@ -132,10 +135,11 @@ def _accuracy_flags(command: Any) -> Any:
 
 
 def _accuracy_target(min_sqnr: float | None, max_drop: float | None, metric: str, eval_data: Path | None,
-                     labels: str | None, max_rank_trials: int) -> Any:
+                     labels: str | None, max_rank_trials: int, fallback: str) -> Any:
     if min_sqnr is None and max_drop is None:
-        if eval_data is not None or labels is not None:
-            raise click.UsageError("--eval-data/--labels are for accuracy-driven quantization (--min-sqnr or --max-drop)")
+        if eval_data is not None or labels is not None or fallback != "float":
+            raise click.UsageError(
+                "--eval-data/--labels/--fallback are for accuracy-driven quantization (--min-sqnr or --max-drop)")
         return None
     if min_sqnr is not None and max_drop is not None:
         raise click.UsageError("give one accuracy target: --min-sqnr or --max-drop")
@@ -147,7 +151,7 @@ def _accuracy_target(min_sqnr: float | None, max_drop: float | None, metric: str
     else:
         name, options = parse_metric_spec(metric)
         target = AccuracyTarget(name, max_drop=max_drop, metric_options=options)
-    return target, eval_data, labels, max_rank_trials
+    return target, eval_data, labels, max_rank_trials, fallback
 
 
 def _session_options(command: Any) -> Any:
@@ -264,12 +268,13 @@ def build_cli(toolkit: Toolkit) -> click.Group:
         ):
             raise click.UsageError("give exactly one of --calibration-data and --calibration-state")
         if target_spec is not None:
-            accuracy, eval_data, labels, max_rank_trials = target_spec
+            accuracy, eval_data, labels, max_rank_trials, fallback = target_spec
             if calibration_state is not None:
                 raise click.UsageError("--min-sqnr/--max-drop calibrate once themselves; give --calibration-data")
             found = toolkit.quantize_to_target(
                 model, output, target=accuracy, calibration_data=calibration_data, eval_data=eval_data,
-                labels=labels, max_rank_trials=max_rank_trials, backend=target, calibrate_method=calibrate_method,
+                labels=labels, max_rank_trials=max_rank_trials, fallback=fallback, backend=target,
+                calibrate_method=calibrate_method,
                 providers=list(provider) or None, backend_options=_key_values(backend_option) or None,
                 image_options=_make_image_options(**image_flags),
                 calibrator_options=_key_values(calibrator_option) or None, activation_type=activation_type,

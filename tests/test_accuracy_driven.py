@@ -164,7 +164,16 @@ def test_cli_min_sqnr_reports_kept_tensors(hostile, tmp_path) -> None:
     assert "kept float: tensor 'relu_3_out'" in result.output and "met" in result.output
     assert _eval_sqnr(onnx.load(tmp_path / "q.onnx"), model, evaluation) >= 30
 
-    # Both targets at once, or an eval set without a target, are usage errors; a missed target exits 1.
+    wide = CliRunner().invoke(cli, [*args, "--min-sqnr", "30", "--fallback", "16bit"])
+    assert wide.exit_code == 0, wide.output
+    assert "kept in 16 bits: tensor 'relu_3_out' with weights w_3, w_4" in wide.output
+
+    # A target no model meets: the best one is written, and the exit status says the target was missed.
+    strict_cli = build_cli(ortq.Toolkit(autoload=False, plugins=[_StrictPlugin()]))
+    missed = CliRunner().invoke(strict_cli, [*args, "--max-drop", "0.5", "--metric", "strict"])
+    assert missed.exit_code == 1 and "was not met" in missed.output
+
+    # Both targets at once, or an eval set without a target, are usage errors.
     assert CliRunner().invoke(cli, [*args, "--min-sqnr", "30", "--max-drop", "0.1"]).exit_code == 2
     assert CliRunner().invoke(cli, args).exit_code == 2
 
@@ -206,7 +215,8 @@ def test_backward_elimination_drops_tensors_the_others_make_unneeded() -> None:
 
     units = [TensorSensitivity(t, [f"node_{t}"], ["Conv"], None, None) for t in "abc"]
     built: list[set[str]] = []
-    trials = SimpleNamespace(build=lambda nodes: built.append(set(nodes)) or SimpleNamespace(model=set(nodes)))
+    trials = SimpleNamespace(
+        build=lambda kept: built.append(kept) or SimpleNamespace(model={n for u in kept for n in u.nodes}))
     scorer = SimpleNamespace(score_model=lambda nodes: 40.0 if "node_b" in nodes else 5.0,
                              meets=lambda value: value >= 30.0)
     kept, value = _drop_unneeded(units, 40.0, scorer, trials)
@@ -225,3 +235,26 @@ def test_shortest_prefix_finds_the_first_hit_in_few_calls(n: int) -> None:
         assert len(calls) <= 2 * int(np.ceil(np.log2(first + 1))) + 1
     assert _shortest_prefix(n, lambda k: False) is None
     assert _shortest_prefix(0, lambda k: True) is None
+
+
+def test_16bit_fallback_keeps_every_node_quantized(toolkit: ortq.Toolkit, hostile) -> None:
+    """The outlier tensor and the weights around it (conv_4's tiny compensating weights, which 8 bits round
+    to zero) go to 16 bits instead of float: the target holds with all 13 nodes quantized."""
+    model, calibration, evaluation = hostile
+    found = quantize_to_target(
+        toolkit, model, target=AccuracyTarget("sqnr", min_value=30.0), calibration_data=calibration,
+        eval_data=evaluation, fallback="16bit",
+    )
+    assert found.met and [k.tensor for k in found.kept] == ["relu_3_out"]
+    assert found.kept[0].weights == ["w_3", "w_4"]
+    assert len(found.result.plan.quantized_nodes) == 13 and not found.result.vetoes
+    onnx.checker.check_model(found.result.model, full_check=True)
+    assert _eval_sqnr(found.result.model, model, evaluation) >= 30.0
+    inits = {i.name: i.data_type for i in found.result.model.graph.initializer}
+    wide = {n.input[0] for n in found.result.model.graph.node if n.op_type == "DequantizeLinear"
+            and inits.get(n.input[0]) in (onnx.TensorProto.INT16, onnx.TensorProto.UINT16)}
+    assert len(wide) == 2  # the two widened weights; every other constant stays 8-bit
+    assert "kept in 16 bits: tensor 'relu_3_out' with weights w_3, w_4" in found.summary()
+    with pytest.raises(ConfigError, match="fallback"):
+        quantize_to_target(toolkit, model, target=AccuracyTarget("sqnr", min_value=30.0),
+                           calibration_data=calibration, fallback="int4")
