@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
@@ -175,10 +176,14 @@ class _Scorer:
 @contextlib.contextmanager
 def _each_warning_once() -> Iterator[None]:
     """Trials rebuild the same model many times; its warnings (vetoes, preprocessing advice) say nothing new
-    after the first build. Filters do not propagate to child loggers, so each ortq logger gets one."""
+    after the first build. Filters do not propagate to child loggers, so each ortq logger gets one, and it
+    passes records from other threads untouched."""
     seen: set[tuple[str, str]] = set()
+    owner = threading.get_ident()  # quantizations in other threads log as usual
 
     def first_time(record: logging.LogRecord) -> bool:
+        if record.thread != owner:
+            return True
         key = (record.name, record.getMessage())
         if key in seen:
             return False

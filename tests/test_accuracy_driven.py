@@ -258,3 +258,19 @@ def test_16bit_fallback_keeps_every_node_quantized(toolkit: ortq.Toolkit, hostil
     with pytest.raises(ConfigError, match="fallback"):
         quantize_to_target(toolkit, model, target=AccuracyTarget("sqnr", min_value=30.0),
                            calibration_data=calibration, fallback="int4")
+
+
+def test_warning_filter_leaves_other_threads_alone(caplog) -> None:
+    import threading
+
+    from ortq.accuracy_driven import _each_warning_once
+
+    log = __import__("logging").getLogger("ortq.pipeline")
+    with _each_warning_once():
+        log.warning("same words")
+        log.warning("same words")  # this thread: said once
+        worker = threading.Thread(target=lambda: [log.warning("same words") for _ in range(2)])
+        worker.start()
+        worker.join()
+    log.warning("same words")  # the filter is gone
+    assert sum(r.getMessage() == "same words" for r in caplog.records) == 4
