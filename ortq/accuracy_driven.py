@@ -482,9 +482,9 @@ def _evaluation_set(
     model: onnx.ModelProto, data: Any, labels: Any, batch_size: int | None, max_samples: int | None,
     image_options: Any, providers: Sequence[Any] | None,
 ) -> tuple[list[dict[str, np.ndarray]], list[dict[str, np.ndarray]], list[np.ndarray | None]]:
-    from .evaluate import _resolve_labels
+    from .evaluate import resolve_labels
 
-    all_labels, data = _resolve_labels(labels, data)  # labels may be a file, an array, or an array in the data
+    all_labels, data = resolve_labels(labels, data)  # labels may be a file, an array, or an array in the data
     feeds = list(iter_batches(data, model_inputs(model), batch_size, max_samples, image_options))
     if not feeds:
         raise ConfigError("the evaluation data has no samples")

@@ -178,7 +178,7 @@ def evaluate(
     inputs = _check_same_interface(float_loaded.model, quant_loaded.model, float_name, quant_name)
     output_names = [o.name for o in float_loaded.model.graph.output]
 
-    label_array, data = _resolve_labels(labels, data)
+    label_array, data = resolve_labels(labels, data)
     specs = list(metrics) if metrics is not None else _default_metrics(float_loaded.model, label_array is not None)
     if not specs:
         raise ConfigError("no metrics to evaluate")
@@ -280,7 +280,7 @@ def _has_class_axis(output: onnx.ValueInfoProto) -> bool:
 
 
 # -- labels ----------------------------------------------------------------------------------------------
-def _resolve_labels(labels: Any, data: Any) -> tuple[np.ndarray | None, Any]:
+def resolve_labels(labels: Any, data: Any) -> tuple[np.ndarray | None, Any]:
     """The label array, and the data without it when the labels were an array inside the data."""
     if labels is None:
         return None, data

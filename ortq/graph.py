@@ -12,7 +12,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-__all__ = ["GraphIndex", "FreshNames", "node_label", "FLOAT_TYPES", "uses_float16"]
+__all__ = ["GraphIndex", "FreshNames", "node_label", "FLOAT_TYPES", "uses_float16", "subgraph_references", "is_qdq",
+           "QDQ_OP_TYPES", "QDQ_DOMAINS"]
 
 _CACHE_LIMIT = 1 << 16
 
@@ -148,3 +149,25 @@ class FreshNames:
             name, k = f"{base}_{k}", k + 1
         self.used.add(name)
         return name
+
+
+#: QuantizeLinear/DequantizeLinear, in the domains that define them (ONNX's, and ONNX Runtime's contrib
+#: versions that QAT exporters and ONNX Runtime's own tools write).
+QDQ_OP_TYPES = frozenset({"QuantizeLinear", "DequantizeLinear"})
+QDQ_DOMAINS = frozenset({"", "ai.onnx", "com.microsoft"})
+
+
+def is_qdq(node: onnx.NodeProto) -> bool:
+    return node.op_type in QDQ_OP_TYPES and node.domain in QDQ_DOMAINS
+
+
+def subgraph_references(graph: onnx.GraphProto) -> set[str]:
+    """Names that If/Loop/Scan bodies (at any depth) read: outer-scope tensors the main graph cannot see as read."""
+    names: set[str] = set()
+    for node in graph.node:
+        for attr in node.attribute:
+            subgraphs = [attr.g] if attr.HasField("g") else list(attr.graphs)
+            for sub in subgraphs:
+                names.update(x for n in sub.node for x in n.input)
+                names |= subgraph_references(sub)
+    return names

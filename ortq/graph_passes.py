@@ -32,8 +32,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .graph import FreshNames, GraphIndex, node_label
-from .rewrite_qdq import _subgraph_references, drop_unused_constants
+from .graph import FreshNames, GraphIndex, node_label, subgraph_references
+from .rewrite_qdq import drop_unused_constants
 
 __all__ = [
     "fold_batch_norm", "fold_add_bias", "fold_constants", "make_batch_dynamic", "constant_foldable_nodes",
@@ -68,7 +68,7 @@ class _Graph(GraphIndex):
         super().__init__(model)
         self.fresh = FreshNames(model)
         # The index lists the main graph's readers only; an If/Loop/Scan body may read a tensor by name too.
-        self.subgraph_reads = _subgraph_references(model.graph)
+        self.subgraph_reads = subgraph_references(model.graph)
 
     def add_initializer(self, base: str, value: np.ndarray) -> str:
         name = self.fresh(base)

@@ -36,9 +36,9 @@ import onnx
 from onnx import TensorProto
 
 from .errors import ConfigError, ModelError
-from .graph import FreshNames, GraphIndex, node_label
+from .graph import QDQ_DOMAINS, QDQ_OP_TYPES, FreshNames, GraphIndex, is_qdq, node_label
 from .model_io import check_output_path, infer_shapes, model_opset, model_size, read_model, staged_save
-from .rewrite_qdq import _constant_dq as _qdq_constant_dq, drop_unused_constants
+from .rewrite_qdq import constant_dq, drop_unused_constants
 from .rewrite_qoperator import convert_to_qoperator
 from .scheme import QuantSpec, QuantType, quantize_array
 from .verify import VerificationReport, verify_model
@@ -50,8 +50,6 @@ __all__ = ["QatResult", "quantize_qat", "refuse_quantized", "validate_qdq", "QDQ
 
 log = logging.getLogger(__name__)
 
-QDQ_OP_TYPES = frozenset({"QuantizeLinear", "DequantizeLinear"})
-_QDQ_DOMAINS = frozenset({"", "ai.onnx", "com.microsoft"})
 QAT_FORMATS = ("qdq", "qoperator")
 _INT32 = np.iinfo(np.int32)
 #: Quantized element types of QuantizeLinear outputs / DequantizeLinear inputs (int32 only for DequantizeLinear).
@@ -65,17 +63,13 @@ _RANGES = {
 }
 
 
-def _is_qdq(node: onnx.NodeProto) -> bool:
-    return node.op_type in QDQ_OP_TYPES and node.domain in _QDQ_DOMAINS
-
-
 def refuse_quantized(model: onnx.ModelProto, label: str) -> None:
     """Raise :class:`ModelError` if ``model`` already holds QuantizeLinear/DequantizeLinear nodes.
 
     Static quantization of such a model would add a second quantization on top of the one it was trained
     with; ``quantize_qat`` is the path for it.
     """
-    found = [n for n in model.graph.node if _is_qdq(n)]
+    found = [n for n in model.graph.node if is_qdq(n)]
     if not found:
         return
     q = sum(n.op_type == "QuantizeLinear" for n in found)
@@ -124,7 +118,7 @@ def validate_qdq(model: onnx.ModelProto, label: str = "model") -> dict[str, QdqP
     index = GraphIndex(model)
     found: dict[str, QdqParams] = {}
     for node in model.graph.node:
-        if _is_qdq(node):
+        if is_qdq(node):
             found[node.name or node.output[0]] = _node_params(node, index, label)
     by_output = {p.node.output[0]: p for p in found.values() if p.node.op_type == "QuantizeLinear"}
     quantized_by: dict[str, list[QdqParams]] = {}
@@ -239,7 +233,7 @@ def _quantized_type(node: onnx.NodeProto, index: GraphIndex, zero_point: np.ndar
             raise ModelError(f"{where}: QuantizeLinear cannot produce int32")
     else:
         producer = index.producer.get(node.input[0])
-        after_q = producer is not None and _is_qdq(producer) and producer.op_type == "QuantizeLinear"
+        after_q = producer is not None and is_qdq(producer) and producer.op_type == "QuantizeLinear"
         # Behind a Q, the zero point says what the DQ expects; validate_qdq compares it with the Q's.
         elem = 0 if after_q else (index.elem_type(node.input[0]) or 0)
         if not elem and zero_point is not None:
@@ -420,7 +414,7 @@ def _weight_source(w: QdqParams, index: GraphIndex) -> str | None:
     if index.is_constant(data):
         return data
     producer = index.producer.get(data)
-    if producer is not None and _is_qdq(producer) and producer.op_type == "QuantizeLinear":
+    if producer is not None and is_qdq(producer) and producer.op_type == "QuantizeLinear":
         if index.is_constant(producer.input[0]):
             return producer.input[0]
     return None
@@ -430,7 +424,7 @@ def _constant_dq(
     fill: _Fill, name: str, q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, axis: int | None
 ) -> onnx.NodeProto:
     """The QDQ rewriter's constant DequantizeLinear, placed at the head of the graph."""
-    dq = _qdq_constant_dq(fill.model.graph, fill.names, name, q, scale, zero_point, axis)
+    dq = constant_dq(fill.model.graph, fill.names, name, q, scale, zero_point, axis)
     fill.head.append(dq)
     return dq
 

@@ -18,13 +18,13 @@ from onnx import helper, numpy_helper
 from .op_quantizer import Bias
 from .scheme import QuantParams, quantize_array
 
-from .graph import FreshNames
+from .graph import FreshNames, subgraph_references
 
 if TYPE_CHECKING:
     from .graph import GraphIndex
     from .planner import QuantPlan
 
-__all__ = ["rewrite_qdq"]
+__all__ = ["rewrite_qdq", "drop_unused_constants", "quantize_bias", "constant_dq"]
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +52,8 @@ def rewrite_qdq(
                 continue
             scale, axis = bias_scales[name]
             values = index.constant_value(name).astype(np.float64)
-            q = _quantize_bias(values, scale, name)
-            head.append(_constant_dq(graph, names, name, q, scale.astype(index.float_dtype(name)), None, axis))
+            q = quantize_bias(values, scale, name)
+            head.append(constant_dq(graph, names, name, q, scale.astype(index.float_dtype(name)), None, axis))
             replacement[name] = head[-1].output[0]
             continue
         p = params.get(name)
@@ -63,7 +63,7 @@ def rewrite_qdq(
             values = index.constant_value(name)
             q = quantize_array(values, p)
             scale = p.scale.astype(index.float_dtype(name))
-            head.append(_constant_dq(graph, names, name, q, scale, p.zero_point, p.axis if p.per_channel else None))
+            head.append(constant_dq(graph, names, name, q, scale, p.zero_point, p.axis if p.per_channel else None))
             replacement[name] = head[-1].output[0]
             continue
         scale = _add_init(graph, names(f"{name}_scale"), p.scale.astype(index.float_dtype(name)))
@@ -100,7 +100,9 @@ def rewrite_qdq(
     return model
 
 
-def _quantize_bias(values: np.ndarray, scale: np.ndarray, name: str) -> np.ndarray:
+def quantize_bias(values: np.ndarray, scale: np.ndarray, name: str) -> np.ndarray:
+    """int32 bias values at ``scale`` (input scale x weight scale), in float64: a float32 quotient would lose
+    the low bits of large biases."""
     q = np.rint(values / scale.astype(np.float64))
     if np.any(q > _INT32.max) or np.any(q < _INT32.min):
         log.warning("bias %r overflows int32 at its scale (input scale x weight scale); clipping it", name)
@@ -112,7 +114,7 @@ def _add_init(graph: onnx.GraphProto, name: str, value: np.ndarray) -> str:
     return name
 
 
-def _constant_dq(
+def constant_dq(
     graph: onnx.GraphProto,
     names: FreshNames,
     name: str,
@@ -121,6 +123,8 @@ def _constant_dq(
     zero_point: np.ndarray | None,
     axis: int | None,
 ) -> onnx.NodeProto:
+    """A quantized constant stored as ``q`` behind a DequantizeLinear writing ``<name>_dequantized`` (the
+    initializers are added to ``graph``; the caller places the node)."""
     q_name = _add_init(graph, names(f"{name}_quantized"), q)
     s_name = _add_init(graph, names(f"{name}_scale"), scale)
     if zero_point is None:
@@ -136,7 +140,7 @@ def _constant_dq(
 def drop_unused_constants(graph: onnx.GraphProto) -> None:
     """Remove float initializers (and Constant nodes) that every consumer now reads quantized."""
     used = {x for n in graph.node for x in n.input} | {o.name for o in graph.output}
-    used |= _subgraph_references(graph)
+    used |= subgraph_references(graph)
     keep = [i for i in graph.initializer if i.name in used or i.name in {v.name for v in graph.input}]
     if len(keep) != len(graph.initializer):
         del graph.initializer[:]
@@ -144,14 +148,3 @@ def drop_unused_constants(graph: onnx.GraphProto) -> None:
     dead = [n for n in graph.node if n.op_type == "Constant" and not (set(n.output) & used)]
     for node in dead:
         graph.node.remove(node)
-
-
-def _subgraph_references(graph: onnx.GraphProto) -> set[str]:
-    names: set[str] = set()
-    for node in graph.node:
-        for attr in node.attribute:
-            subgraphs = [attr.g] if attr.HasField("g") else list(attr.graphs)
-            for sub in subgraphs:
-                names.update(x for n in sub.node for x in n.input)
-                names |= _subgraph_references(sub)
-    return names

@@ -22,9 +22,9 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from .errors import PluginError
-from .graph import FreshNames, GraphIndex, node_label
+from .graph import QDQ_DOMAINS, FreshNames, GraphIndex, is_qdq, node_label
 from .op_quantizer import LeaveFloat, QOperatorContext, QuantizedTensor
-from .rewrite_qdq import _quantize_bias, drop_unused_constants
+from .rewrite_qdq import drop_unused_constants, quantize_bias
 from .scheme import QuantParams, QuantType, quantize_array
 
 if TYPE_CHECKING:
@@ -44,8 +44,6 @@ log = logging.getLogger(__name__)
 
 #: ONNX Runtime's contrib-op domain (QGemm, QLinearAdd, QLinearConcat, ...).
 MS_DOMAIN = "com.microsoft"
-_QDQ = ("QuantizeLinear", "DequantizeLinear")
-_QDQ_DOMAINS = ("", "ai.onnx", MS_DOMAIN)
 _EIGHT_BIT = (TensorProto.UINT8, TensorProto.INT8)
 
 
@@ -156,7 +154,7 @@ def int32_bias(
         return LeaveFloat(f"bias {name!r} is computed at run time")
     if values.ndim != 1 or target.size not in (1, values.size):
         return LeaveFloat(f"bias {name!r} is not a vector matching the weight's output channels")
-    return q.add_constant(f"{name}_int32", _quantize_bias(values, target, name))
+    return q.add_constant(f"{name}_int32", quantize_bias(values, target, name))
 
 
 # -- the pass ---------------------------------------------------------------------------------------------------
@@ -190,7 +188,7 @@ def convert_to_qoperator(model: onnx.ModelProto, toolkit: Toolkit) -> dict[str, 
     renames: dict[str, str] = {}
 
     for node in graph.node:
-        if _key(node) in removed or _is_qdq(node) or node.op_type == "Constant":
+        if _key(node) in removed or is_qdq(node) or node.op_type == "Constant":
             continue
         inputs = [params.from_dq(index.producer.get(t)) if t else None for t in node.input]
         outputs: list[QuantizedTensor | None] = []
@@ -300,7 +298,7 @@ class _Parameters:
         index = self.index
         producer = index.producer.get(data)
         candidates = [data, *qdq.input[:1], *qdq.output[:1]]
-        if producer is not None and _is_qdq(producer):
+        if producer is not None and is_qdq(producer):
             candidates.append(producer.input[0])
         for name in candidates:
             shape = index.shape(name)
@@ -309,7 +307,7 @@ class _Parameters:
         return None
 
     def from_dq(self, node: onnx.NodeProto | None) -> QuantizedTensor | None:
-        if node is None or node.op_type != "DequantizeLinear" or node.domain not in _QDQ_DOMAINS:
+        if node is None or node.op_type != "DequantizeLinear" or node.domain not in QDQ_DOMAINS:
             return None
         return self._tensor(node, node.input[0], self.index.elem_type(node.input[0]))
 
@@ -319,7 +317,7 @@ class _Parameters:
         readers = index.consumers.get(tensor, [])
         if not tensor or tensor in index.graph_outputs or not readers:
             return None, []
-        if not all(r.op_type == "QuantizeLinear" and r.domain in _QDQ_DOMAINS and r.input[0] == tensor for r in readers):
+        if not all(r.op_type == "QuantizeLinear" and r.domain in QDQ_DOMAINS and r.input[0] == tensor for r in readers):
             return None, []
         first = readers[0]
         out_type = int(index.attribute(first, "output_dtype", 0)) or TensorProto.UINT8
@@ -337,10 +335,6 @@ def _key(node: onnx.NodeProto) -> tuple[str, ...]:
     return tuple(node.output)
 
 
-def _is_qdq(node: onnx.NodeProto) -> bool:
-    return node.op_type in _QDQ and node.domain in _QDQ_DOMAINS
-
-
 def _type_name(elem_type: int) -> str:
     return TensorProto.DataType.Name(elem_type).lower() if elem_type else "an unknown type"
 
@@ -354,7 +348,7 @@ def _fold_activation(
 ) -> list[onnx.NodeProto]:
     """Relu / Clip(0, hi) read only by a Q whose zero point is the type minimum: that Q's clamp is the
     activation, so output 0 is quantized as the Q after it and the activation node goes."""
-    if len(node.output) != 1 or outputs[0] is not None or _is_qdq(node):
+    if len(node.output) != 1 or outputs[0] is not None or is_qdq(node):
         return []
     readers = index.consumers.get(node.output[0], [])
     if len(readers) != 1 or node.output[0] in index.graph_outputs:
@@ -394,7 +388,7 @@ def _clip_bounds(node: onnx.NodeProto, index: GraphIndex) -> tuple[float | None,
 
 def _epilogue(tensor: str, index: GraphIndex, params: _Parameters) -> tuple[onnx.NodeProto, QuantizedTensor | None] | None:
     readers = index.consumers.get(tensor, [])
-    if len(readers) != 1 or tensor in index.graph_outputs or _is_qdq(readers[0]) or len(readers[0].output) != 1:
+    if len(readers) != 1 or tensor in index.graph_outputs or is_qdq(readers[0]) or len(readers[0].output) != 1:
         return None
     qt, _ = params.from_q(readers[0].output[0])
     return readers[0], qt
@@ -442,7 +436,7 @@ def _drop_dead_qdq(graph: onnx.GraphProto) -> None:
     """Remove Q/DQ nodes nothing reads any more (the DQs in front of converted kernels, mostly)."""
     while True:
         used = {x for n in graph.node for x in n.input} | {o.name for o in graph.output}
-        dead = {_key(n) for n in graph.node if _is_qdq(n) and not any(o in used for o in n.output)}
+        dead = {_key(n) for n in graph.node if is_qdq(n) and not any(o in used for o in n.output)}
         if not dead:
             return
         _remove_nodes(graph, dead)
@@ -473,7 +467,7 @@ def _fold_constant_quantize(model: onnx.ModelProto) -> None:
     index = GraphIndex(model)
     folded: set[tuple[str, ...]] = set()
     for node in graph.node:
-        if node.op_type != "QuantizeLinear" or node.domain not in _QDQ_DOMAINS or index.attribute(node, "block_size", 0):
+        if node.op_type != "QuantizeLinear" or node.domain not in QDQ_DOMAINS or index.attribute(node, "block_size", 0):
             continue
         x = index.constant_value(node.input[0]) if index.is_constant(node.input[0]) else None
         scale = index.constant_value(node.input[1]) if index.is_constant(node.input[1]) else None
@@ -508,7 +502,7 @@ def float_constant(q: QOperatorContext, tensor: str) -> np.ndarray | None:
     if value is not None:
         return value.astype(np.float64) if value.dtype.kind == "f" else None
     dq = q.index.producer.get(tensor)
-    if dq is None or dq.op_type != "DequantizeLinear" or dq.domain not in _QDQ_DOMAINS:
+    if dq is None or dq.op_type != "DequantizeLinear" or dq.domain not in QDQ_DOMAINS:
         return None
     data = q.constant_value(dq.input[0])
     scale = q.constant_value(dq.input[1])
