@@ -41,11 +41,12 @@ from typing import Any, Iterable, NamedTuple, Sequence
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
 
 from .data import iter_batches, model_inputs
 from .errors import ModelError
 from .graph import GraphIndex
+from .metrics import sqnr_from_sums
 
 __all__ = [
     "debug_models",
@@ -484,14 +485,6 @@ def _accumulate(total: np.ndarray | None, part: np.ndarray) -> np.ndarray:
     return total + part
 
 
-def _db(signal: float, noise: float) -> float:
-    if noise == 0.0:
-        return math.inf
-    if signal == 0.0:
-        return -math.inf
-    return 10.0 * math.log10(signal / noise)
-
-
 def _channel_db(signal: np.ndarray | None, noise: np.ndarray | None) -> float | None:
     """Mean over channels of each channel's SQNR in dB; silent channels (no signal) are left out."""
     if signal is None or noise is None or signal.size < 2:
@@ -895,11 +888,11 @@ class _Runner:
             node=(node.name or None) if node is not None else ("graph input" if float_name in self.fidx.graph_inputs else None),
             op_type=node.op_type if node is not None else None,
             order=order,
-            sqnr_db=_db(signal, noise),
+            sqnr_db=sqnr_from_sums(signal, noise),
             channel_sqnr_db=_channel_db(st.signal, st.noise),
             cosine=cosine,
             max_abs_error=st.max_error,
-            injected_sqnr_db=_db(signal, injected) if injected is not None else None,
+            injected_sqnr_db=sqnr_from_sums(signal, injected) if injected is not None else None,
             injected_channel_sqnr_db=_channel_db(st.signal, st.injected) if injected is not None else None,
             injected_max_abs_error=st.max_injected if m is not None else None,
             clipped_fraction=(st.clipped / st.count if st.count else 0.0) if m is not None else None,

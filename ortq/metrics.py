@@ -4,19 +4,24 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["sqnr_db", "max_abs_error", "top1_agreement", "cosine_similarity"]
+__all__ = ["sqnr_db", "sqnr_from_sums", "max_abs_error", "top1_agreement", "cosine_similarity"]
 
 
 def sqnr_db(reference: np.ndarray, actual: np.ndarray) -> float:
     """Signal-to-quantization-noise ratio in dB; +inf when identical."""
     ref = np.asarray(reference, dtype=np.float64)
     noise = float(np.sum((ref - np.asarray(actual, dtype=np.float64)) ** 2))
-    signal = float(np.sum(ref**2))
+    return sqnr_from_sums(float(np.sum(ref**2)), noise)
+
+
+def sqnr_from_sums(signal: float, noise: float) -> float:
+    """SQNR in dB from sums of squares, for statistics streamed batch by batch: +inf without noise (identical),
+    -inf without signal (all noise)."""
     if noise == 0.0:
         return float("inf")
     if signal == 0.0:
         return float("-inf")
-    return 10.0 * np.log10(signal / noise)
+    return float(10.0 * np.log10(signal / noise))
 
 
 def max_abs_error(reference: np.ndarray, actual: np.ndarray) -> float:

@@ -12,6 +12,7 @@ import numpy as np
 from ortq import Metric, hookimpl
 from ortq.errors import ConfigError
 from ortq.metric import MeanMetric
+from ortq.metrics import sqnr_from_sums
 
 
 def _pair(metric: Metric, output: str, reference: np.ndarray, candidate: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -82,13 +83,7 @@ class Sqnr(Metric):
         self.count += int(ref.size)
 
     def result(self) -> float:
-        if not self.count:
-            return float("nan")
-        if self.noise == 0.0:
-            return float("inf")
-        if self.signal == 0.0:
-            return float("-inf")
-        return float(10.0 * np.log10(self.signal / self.noise))
+        return sqnr_from_sums(self.signal, self.noise) if self.count else float("nan")
 
 
 @hookimpl
