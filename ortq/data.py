@@ -26,7 +26,7 @@ from .errors import CalibrationDataError
 if TYPE_CHECKING:
     from .images import ImageOptions
 
-__all__ = ["InputSpec", "model_inputs", "iter_batches", "DEFAULT_BATCH_SIZE"]
+__all__ = ["InputSpec", "model_inputs", "iter_batches", "load_npz", "load_npy", "DEFAULT_BATCH_SIZE"]
 
 log = logging.getLogger(__name__)
 
@@ -138,11 +138,11 @@ def _from_path(
     if not path.exists():
         raise CalibrationDataError(f"{path}: no such calibration data file or folder")
     if path.is_file():
-        return _split(_load_npz(path), inputs, batch_size, str(path))
+        return _split(load_npz(path), inputs, batch_size, str(path))
     names = {spec.name for spec in inputs}
     per_input = [path / f"{_safe(name)}.npy" for name in sorted(names)]
     if names and all(p.is_file() for p in per_input):
-        arrays = {name: _load_npy(path / f"{_safe(name)}.npy") for name in names}
+        arrays = {name: load_npy(path / f"{_safe(name)}.npy") for name in names}
         return _split(arrays, inputs, batch_size, str(path))
     from .images import is_image_folder, iter_image_batches  # images import this module
 
@@ -152,7 +152,7 @@ def _from_path(
     npz_files = [p for p in entries if p.suffix == ".npz"]
     dirs = [p for p in entries if p.is_dir()]
     if npz_files:
-        return (_load_npz(p) for p in npz_files)
+        return (load_npz(p) for p in npz_files)
     if dirs:
         return (_load_sample_dir(d, inputs) for d in dirs)
     raise CalibrationDataError(
@@ -165,7 +165,8 @@ def _safe(name: str) -> str:
     return name.replace("/", "_").replace(":", "_")
 
 
-def _load_npz(path: Path) -> dict[str, np.ndarray]:
+def load_npz(path: Path) -> dict[str, np.ndarray]:
+    """Every array of a .npz, never unpickling; a damaged file is a CalibrationDataError naming it."""
     if path.suffix == ".npy":
         raise CalibrationDataError(f"{path}: a single .npy has no input name; use a .npz or <input>.npy in a folder")
     try:
@@ -175,10 +176,11 @@ def _load_npz(path: Path) -> dict[str, np.ndarray]:
         raise CalibrationDataError(f"{path}: cannot read as .npz: {exc}") from None
 
 
-def _load_npy(path: Path) -> np.ndarray:
+def load_npy(path: Path) -> np.ndarray:
+    """One .npy, never unpickling; a damaged or empty file is a CalibrationDataError naming it."""
     try:
         return np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as exc:
+    except _UNREADABLE as exc:  # an empty or truncated file raises EOFError
         raise CalibrationDataError(f"{path}: cannot read as .npy: {exc}") from None
 
 
@@ -187,7 +189,7 @@ def _load_sample_dir(folder: Path, inputs: list[InputSpec]) -> dict[str, np.ndar
     for spec in inputs:
         npy = folder / f"{_safe(spec.name)}.npy"
         if npy.is_file():
-            feed[spec.name] = _load_npy(npy)
+            feed[spec.name] = load_npy(npy)
     pbs = sorted(folder.glob("*.pb"))
     for position, pb in enumerate(pbs):
         tensor = onnx.TensorProto()

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence, Union
 import numpy as np
 import onnx
 
-from .data import InputSpec, _load_npy, _load_npz, iter_batches, model_inputs
+from .data import InputSpec, load_npy, load_npz, iter_batches, model_inputs
 from .errors import CalibrationDataError, ConfigError, ModelError
 from .metric import Metric
 from .model_io import LoadedModel, model_size, read_model
@@ -293,7 +293,7 @@ def resolve_labels(labels: Any, data: Any) -> tuple[np.ndarray | None, Any]:
             rest = {name: value for name, value in data.items() if name != key}
             return _check_labels(np.asarray(data[key]), f"data array {key!r}"), rest
         if isinstance(data, (str, os.PathLike)) and Path(data).is_file() and Path(data).suffix == ".npz":
-            arrays = _load_npz(Path(data))
+            arrays = load_npz(Path(data))
             if key in arrays:
                 label_array = arrays.pop(key)
                 return _check_labels(label_array, f"{data}: array {key!r}"), arrays
@@ -305,9 +305,9 @@ def resolve_labels(labels: Any, data: Any) -> tuple[np.ndarray | None, Any]:
 def _load_label_file(path: Path) -> np.ndarray:
     """Labels are data: read with the data readers, so a broken file is the same one-line error."""
     if path.suffix == ".npy":
-        return _load_npy(path)
+        return load_npy(path)
     if path.suffix == ".npz":
-        arrays = _load_npz(path)
+        arrays = load_npz(path)
         if len(arrays) == 1:
             return next(iter(arrays.values()))
         for key in ("label", "labels"):

@@ -300,3 +300,12 @@ def test_defaults_skip_top1_without_a_class_axis_and_options_reach_the_metric(to
                           [helper.make_tensor_value_info("s", TensorProto.FLOAT, [])]),
         opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
     assert [m.label for m in toolkit.evaluate(scalar_out, scalar_out, x, latency_runs=0).metrics] == ["cosine", "sqnr"]
+
+
+def test_empty_label_file_is_a_one_line_error(tmp_path) -> None:
+    from ortq.evaluate import resolve_labels
+
+    empty = tmp_path / "labels.npy"
+    empty.write_bytes(b"")
+    with pytest.raises(ortq.OrtqError, match="labels.npy: cannot read as .npy"):
+        resolve_labels(empty, None)
