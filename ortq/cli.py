@@ -17,6 +17,7 @@ from typing import Any
 
 import click
 
+from .debug import DEFAULT_SORT, SORT_KEYS
 from .errors import OrtqError
 from .toolkit import Toolkit
 
@@ -465,8 +466,7 @@ def build_cli(toolkit: Toolkit) -> click.Group:
     @click.option("--html", "html_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
                   help="Write a self-contained HTML report (per-layer plot with the 'report' extra).")
     @click.option("--top", type=click.IntRange(min=0), default=20, show_default=True, help="Rows to print (0: all).")
-    @click.option("--sort", type=click.Choice(["injected", "sqnr", "channel-sqnr", "cosine", "max-error", "order"]),
-                  default="injected", show_default=True,
+    @click.option("--sort", type=click.Choice(SORT_KEYS), default=DEFAULT_SORT, show_default=True,
                   help="injected: noise each tensor's own quantizer adds (finds the cause); sqnr: accumulated error.")
     @click.option("--batch-size", type=click.IntRange(min=1), default=None)
     @click.option("--max-samples", type=click.IntRange(min=1), default=None, help="Samples to compare (default 128).")
