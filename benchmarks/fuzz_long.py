@@ -1,7 +1,7 @@
 """The fuzz properties of ``tests/test_fuzz.py`` with 500 examples each (too slow for CI; run before a release).
 
     python benchmarks/fuzz_long.py                 # static then dynamic, 500 derandomized examples each
-    python benchmarks/fuzz_long.py --mode dynamic  # only Toolkit.quantize_dynamic
+    python benchmarks/fuzz_long.py --mode dynamic  # only Toolkit.quantize_dynamic (also: qoperator; all = the three)
     python benchmarks/fuzz_long.py --survey        # run all examples, list every failing case, don't shrink
     python benchmarks/fuzz_long.py -n 2000 --seed 3
 
@@ -31,6 +31,7 @@ from test_fuzz import cases, check_case, check_dynamic_case, dynamic_options  # 
 MODES = {
     "static": (lambda case, options, sqnrs: check_case(case, sqnrs), st.just(None)),
     "dynamic": (check_dynamic_case, dynamic_options),
+    "qoperator": (lambda case, options, sqnrs: check_case(case, sqnrs, quant_format="qoperator"), st.just(None)),
 }
 
 
@@ -40,11 +41,12 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=None, help="random seed (default: derandomized)")
     parser.add_argument("--survey", action="store_true", help="record failures and go on instead of shrinking")
     parser.add_argument("--save", type=Path, default=None, help="save failing models and data here")
-    parser.add_argument("--mode", choices=["static", "dynamic", "both"], default="both")
+    parser.add_argument("--mode", choices=["static", "dynamic", "qoperator", "both", "all"], default="both")
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)
     status = 0
-    for mode in (["static", "dynamic"] if args.mode == "both" else [args.mode]):
+    modes = {"both": ["static", "dynamic"], "all": ["static", "dynamic", "qoperator"]}.get(args.mode, [args.mode])
+    for mode in modes:
         status |= run_mode(mode, args)
     return status
 

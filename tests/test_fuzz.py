@@ -448,16 +448,19 @@ def _check_quantized(case: Case, original: bytes, result: QuantizationResult, re
     return "ok" if result.plan.quantized_nodes else "ok, nothing quantized"
 
 
-def check_case(case: Case, sqnrs: list[float] | None = None) -> str:
+def check_case(case: Case, sqnrs: list[float] | None = None, quant_format: str = "qdq") -> str:
     """The property; returns "ok..." , "error: ..." (a clean OrtqError), or raises AssertionError.
 
     ``sqnrs``, if given, collects the output SQNRs of quantized cases (``benchmarks/fuzz_long.py`` reports them).
+    ``quant_format="qoperator"`` checks the same property on the QOperator form (ONNX Runtime's integer kernels
+    written into the file, nodes without one left in QDQ form).
     """
     reference = _float_reference(case)
     original = case.model.SerializeToString()
     toolkit = ortq.Toolkit(autoload=False)
     try:
-        result = toolkit.quantize(case.model, None, calibration_data=case.data, **case.options)
+        result = toolkit.quantize(case.model, None, calibration_data=case.data, quant_format=quant_format,
+                                  **case.options)
     except BUG_ERRORS as exc:
         raise AssertionError(f"{type(exc).__name__} on a valid model: {exc}\n{case!r}") from exc
     except ortq.OrtqError as exc:
@@ -520,6 +523,12 @@ def test_random_graphs_quantize_or_fail_cleanly(case: Case) -> None:
 @given(cases(), dynamic_options)
 def test_random_graphs_quantize_dynamically_or_fail_cleanly(case: Case, options: dict) -> None:
     check_dynamic_case(case, options)
+
+
+@settings(CI_SETTINGS, max_examples=15)
+@given(cases())
+def test_random_graphs_convert_to_qoperator_or_fail_cleanly(case: Case) -> None:
+    check_case(case, quant_format="qoperator")
 
 
 # -- Regressions: the failing cases the 500-example runs found, reduced ------------------------------------------
