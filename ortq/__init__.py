@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .accuracy_driven import AccuracyDrivenResult, AccuracyTarget
 from .backend import Backend
 from .calibrator import Calibrator, MinMaxStatistic, Statistic
 from .config import QuantConfig
@@ -85,12 +86,20 @@ __all__ = [
     "PreprocessResult",
     "debug_models",
     "DebugReport",
+    "quantize_to_target",
+    "AccuracyTarget",
+    "AccuracyDrivenResult",
 ]
 
 
 def quantize(model: Any, output: Any = None, **options: Any):  # noqa: ANN201 - QuantizationResult
     """Quantize with a fresh :class:`Toolkit` (built-ins plus installed plugins); see ``Toolkit.quantize``."""
     return Toolkit().quantize(model, output, **options)
+
+
+def quantize_to_target(model: Any, output: Any = None, **options: Any) -> AccuracyDrivenResult:
+    """Accuracy-driven quantization with a fresh :class:`Toolkit`; see ``ortq.accuracy_driven``."""
+    return Toolkit().quantize_to_target(model, output, **options)
 
 
 def quantize_qat(model: Any, output: Any = None, **options: Any):  # noqa: ANN201 - QatResult

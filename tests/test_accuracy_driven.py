@@ -274,3 +274,10 @@ def test_warning_filter_leaves_other_threads_alone(caplog) -> None:
         worker.join()
     log.warning("same words")  # the filter is gone
     assert sum(r.getMessage() == "same words" for r in caplog.records) == 4
+
+
+def test_module_level_entry_point(hostile) -> None:
+    model, calibration, evaluation = hostile
+    found = ortq.quantize_to_target(model, target=ortq.AccuracyTarget("sqnr", min_value=30.0),
+                                    calibration_data=calibration, eval_data=evaluation)
+    assert isinstance(found, ortq.AccuracyDrivenResult) and found.met
