@@ -32,7 +32,6 @@ import argparse
 import json
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -45,8 +44,8 @@ import onnx
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from bench_static import (accuracy, build_model, env_info, make_images, peak_mb,  # noqa: E402
-                          run_model, status_mb)
+from bench_static import (accuracy, build_model, child_error, child_record, env_info, make_images,  # noqa: E402
+                          peak_mb, run_fresh, run_model, status_mb)
 
 METHODS = ("minmax", "entropy", "percentile")
 ORT_METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
@@ -122,22 +121,15 @@ def child(args: argparse.Namespace) -> None:
 
 
 def run_child(tool: str, method: str, model: Path, data: Path, out: Path, batch: int) -> dict[str, Any]:
-    """Start the child through a small /bin/sh (see bench_static.run_child for why). A failure is returned
-    as a record with ``error`` rather than raised, so one broken configuration doesn't end the matrix."""
-    cmd = ["/bin/sh", "-c", '"$0" "$@"; exit $?', sys.executable, __file__, "_run", "--tool", tool,
-           "--method", method, "--model", str(model), "--data", str(data), "--out", str(out),
-           "--batch-size", str(batch)]
+    """A failure is returned as a record with ``error`` rather than raised, so one broken configuration
+    doesn't end the matrix."""
     t = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = run_fresh(__file__, "_run", "--tool", tool, "--method", method, "--model", str(model),
+                     "--data", str(data), "--out", str(out), "--batch-size", str(batch))
     if proc.returncode != 0:
-        tail = proc.stderr.strip().splitlines()
-        last = next((line for line in reversed(tail) if line.strip()), "")
-        if proc.returncode > 128 or proc.returncode < 0:  # killed by a signal (137 = SIGKILL, e.g. the OOM killer)
-            last = f"killed by signal {proc.returncode - 128 if proc.returncode > 128 else -proc.returncode} " + last
-        return {"tool": tool, "method": method, "error": last or f"exit {proc.returncode}",
-                "returncode": proc.returncode, "stderr_tail": proc.stderr[-4000:],
-                "elapsed_s": time.perf_counter() - t}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+        return {"tool": tool, "method": method, "error": child_error(proc), "returncode": proc.returncode,
+                "stderr_tail": proc.stderr[-4000:], "elapsed_s": time.perf_counter() - t}
+    return child_record(proc)
 
 
 # ----------------------------------------------------------------------------------------- parent

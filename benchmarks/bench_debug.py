@@ -29,7 +29,6 @@ import argparse
 import json
 import logging
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -41,7 +40,8 @@ import onnx
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from bench_static import build_model, env_info, make_images, peak_mb, status_mb  # noqa: E402
+from bench_static import (build_model, child_error, child_record, env_info, make_images, peak_mb,  # noqa: E402
+                          run_fresh, save_results, status_mb)
 
 HOSTILE = "relu_3_out"  # outlier_channel_cnn's quantization-hostile tensor
 
@@ -148,16 +148,12 @@ def child(args: argparse.Namespace) -> None:
 
 def run_child(tool: str, float_path: Path, quant_path: Path, data: Path, samples: int, batch: int,
               workdir: Path, max_gb: float = 0.0) -> dict[str, Any]:
-    """Through a small /bin/sh, never forked straight from this large process (see bench_static.run_child)."""
-    cmd = ["/bin/sh", "-c", '"$0" "$@"; exit $?', sys.executable, __file__, "_debug", "--tool", tool,
-           "--float", str(float_path), "--quant", str(quant_path), "--data", str(data), "--samples", str(samples),
-           "--batch-size", str(batch), "--workdir", str(workdir), "--max-gb", str(max_gb)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = run_fresh(__file__, "_debug", "--tool", tool, "--float", str(float_path), "--quant", str(quant_path),
+                     "--data", str(data), "--samples", str(samples), "--batch-size", str(batch),
+                     "--workdir", str(workdir), "--max-gb", str(max_gb))
     if proc.returncode != 0:
-        tail = (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
-        return {"tool": tool, "samples": samples, "error": f"exit {proc.returncode}: {tail}",
-                "stderr_tail": proc.stderr[-2000:]}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+        return {"tool": tool, "samples": samples, "error": child_error(proc), "stderr_tail": proc.stderr[-2000:]}
+    return child_record(proc)
 
 
 # ------------------------------------------------------------------------------------------ setup
@@ -368,10 +364,7 @@ def main(argv: list[str] | None = None) -> None:
     if not args.workdir:
         shutil.rmtree(results["config"]["workdir"], ignore_errors=True)
     print_tables(results)
-    out = Path(args.results) / f"debug_{time.strftime('%Y%m%d-%H%M%S')}{'_small' if args.small else ''}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2, default=str))
-    print(f"\nraw results: {out}")
+    print(f"\nraw results: {save_results(results, args.results, 'debug', args.small)}")
 
 
 if __name__ == "__main__":

@@ -28,7 +28,6 @@ import argparse
 import json
 import logging
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -42,7 +41,8 @@ from onnx import helper, numpy_helper
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from bench_static import build_model, env_info, make_images, peak_mb, status_mb  # noqa: E402
+from bench_static import (build_model, child_error, child_record, env_info, make_images, peak_mb,  # noqa: E402
+                          run_fresh, save_results, status_mb)
 
 TOOLS = ("ortq", "ortq-basic", "ort")
 BN_EPS = 1e-5
@@ -143,13 +143,10 @@ def child(args: argparse.Namespace) -> None:
 
 
 def run_child(tool: str, model: Path, out: Path) -> dict[str, Any]:
-    cmd = ["/bin/sh", "-c", '"$0" "$@"; exit $?', sys.executable, __file__, "_preprocess", "--tool", tool,
-           "--model", str(model), "--out", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = run_fresh(__file__, "_preprocess", "--tool", tool, "--model", str(model), "--out", str(out))
     if proc.returncode != 0:
-        tail = (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
-        return {"tool": tool, "error": f"exit {proc.returncode}: {tail}", "stderr_tail": proc.stderr[-2000:]}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+        return {"tool": tool, "error": child_error(proc), "stderr_tail": proc.stderr[-2000:]}
+    return child_record(proc)
 
 
 # ------------------------------------------------------------------------------------- what came out
@@ -328,10 +325,7 @@ def main(argv: list[str] | None = None) -> None:
     if not args.workdir:
         shutil.rmtree(results["config"]["workdir"], ignore_errors=True)
     print_tables(results)
-    out = Path(args.results) / f"preprocess_{time.strftime('%Y%m%d-%H%M%S')}{'_small' if args.small else ''}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2, default=str))
-    print(f"\nraw results: {out}")
+    print(f"\nraw results: {save_results(results, args.results, 'preprocess', args.small)}")
 
 
 if __name__ == "__main__":

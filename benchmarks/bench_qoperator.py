@@ -20,7 +20,6 @@ import argparse
 import json
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,7 +33,8 @@ from onnx import numpy_helper
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from bench_static import build_model, env_info, make_images, peak_mb, run_model, status_mb  # noqa: E402
+from bench_static import (build_model, child_error, child_record, env_info, make_images, peak_mb,  # noqa: E402
+                          run_fresh, run_model, save_results, status_mb)
 
 CONFIGS = ("ortq_qdq", "ortq_qop", "ort_qop")
 
@@ -83,13 +83,11 @@ def child(argv: list[str]) -> None:
 
 
 def run_child(config: str, model: Path, data: Path, out: Path, batch: int) -> dict[str, Any]:
-    """Through /bin/sh so the child's ru_maxrss does not inherit this process's high-water mark."""
-    cmd = ["/bin/sh", "-c", '"$0" "$@"; exit $?', sys.executable, __file__, "_quantize", "--config", config,
-           "--model", str(model), "--data", str(data), "--out", str(out), "--batch-size", str(batch)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = run_fresh(__file__, "_quantize", "--config", config, "--model", str(model), "--data", str(data),
+                     "--out", str(out), "--batch-size", str(batch))
     if proc.returncode != 0:
-        raise RuntimeError(f"{config} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+        raise RuntimeError(f"{config} failed ({child_error(proc)}):\n{proc.stderr[-4000:]}")
+    return child_record(proc)
 
 
 # ------------------------------------------------------------------------------------------ measuring
@@ -216,10 +214,7 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print_table(results)
-    out = Path(args.results) / f"qoperator_{time.strftime('%Y%m%d-%H%M%S')}{'_small' if args.small else ''}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2, default=str))
-    print(f"\nraw results: {out}")
+    print(f"\nraw results: {save_results(results, args.results, 'qoperator', args.small)}")
 
 
 if __name__ == "__main__":

@@ -223,16 +223,44 @@ def child(args: argparse.Namespace) -> None:
                       **extra}))
 
 
-def run_child(tool: str, model: Path, data: Path, out: Path, batch: int) -> dict[str, Any]:
-    """Start the child from a small /bin/sh, not straight from this (large) process: Linux carries the RSS
-    high-water mark of the forked copy of the parent across execve into ru_maxrss, which would otherwise put
-    a floor of this process's RSS under the child's peak. ("; exit" stops sh from exec'ing in place.)"""
-    cmd = ["/bin/sh", "-c", '"$0" "$@"; exit $?', sys.executable, __file__, "_quantize", "--tool", tool,
-           "--model", str(model), "--data", str(data), "--out", str(out), "--batch-size", str(batch)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{tool} quantization failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+# ------------------------------------------------------ shared by every benchmark's fresh-process runs
+def run_fresh(script: str, *args: str) -> subprocess.CompletedProcess:
+    """Run ``python script args...`` in a fresh process started from a small /bin/sh, not straight from this
+    (large) process: Linux carries the RSS high-water mark of the forked copy of the parent across execve
+    into ru_maxrss, which would otherwise put a floor of this process's RSS under the child's peak. ("; exit"
+    stops sh from exec'ing in place.) The child prints its JSON record as its last stdout line."""
+    cmd = ["/bin/sh", "-c", '"$0" "$@"; exit $?', sys.executable, script, *args]
+    return subprocess.run(cmd, capture_output=True, text=True)
+
+
+def child_record(proc: subprocess.CompletedProcess) -> dict[str, Any]:
+    """The JSON record a successful child printed last."""
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def child_error(proc: subprocess.CompletedProcess) -> str:
+    """One line saying why a child failed: its exit status (or the signal that killed it, 137 being the OOM
+    killer's SIGKILL) and the last line it wrote to stderr."""
+    code = proc.returncode
+    status = f"killed by signal {code - 128 if code > 128 else -code}" if code > 128 or code < 0 else f"exit {code}"
+    last = next((line for line in reversed(proc.stderr.strip().splitlines()) if line.strip()), "")
+    return f"{status}: {last}" if last else status
+
+
+def save_results(results: dict[str, Any], folder: str | Path, kind: str, small: bool) -> Path:
+    """Write the raw results as ``<folder>/<kind>_<timestamp>[_small].json`` (benchmarks/results is git-ignored)."""
+    out = Path(folder) / f"{kind}_{time.strftime('%Y%m%d-%H%M%S')}{'_small' if small else ''}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2, default=str))
+    return out
+
+
+def run_child(tool: str, model: Path, data: Path, out: Path, batch: int) -> dict[str, Any]:
+    proc = run_fresh(__file__, "_quantize", "--tool", tool, "--model", str(model), "--data", str(data),
+                     "--out", str(out), "--batch-size", str(batch))
+    if proc.returncode != 0:
+        raise RuntimeError(f"{tool} quantization failed ({child_error(proc)}):\n{proc.stderr[-4000:]}")
+    return child_record(proc)
 
 
 # ------------------------------------------------------------------------------------------ report
@@ -354,10 +382,7 @@ def main(argv: list[str] | None = None) -> None:
         shutil.rmtree(results["config"]["workdir"], ignore_errors=True)
     print("\nortq summary (last repeat):\n" + (results["ortq_summary"] or ""))
     print_table(results)
-    out = Path(args.results) / f"static_{time.strftime('%Y%m%d-%H%M%S')}{'_small' if args.small else ''}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2, default=str))
-    print(f"\nraw results: {out}")
+    print(f"\nraw results: {save_results(results, args.results, 'static', args.small)}")
 
 
 if __name__ == "__main__":
