@@ -618,13 +618,22 @@ def test_constant_zero_input_keeps_the_bias_exact() -> None:
     assert sqnr > 40, sqnr
 
 
+def _dynamic_conv_sqnrs(model: onnx.ModelProto, data: dict[str, np.ndarray], tmp_path) -> tuple[float, float]:  # noqa: ANN001
+    """Output SQNR of ortq's and ONNX Runtime's dynamic quantization of the model's Conv, on the same data."""
+    from onnxruntime.quantization import quantize_dynamic
+
+    ours = ortq.Toolkit(autoload=False).quantize_dynamic(model, None, op_types_to_quantize=["Conv"])
+    onnx.save(model, tmp_path / "m.onnx")
+    quantize_dynamic(tmp_path / "m.onnx", tmp_path / "ort.onnx", op_types_to_quantize=["Conv"])
+    reference = _run(model, data)[0]
+    return sqnr_db(reference, _run(ours.model, data)[0]), sqnr_db(reference, _run(onnx.load(tmp_path / "ort.onnx"), data)[0])
+
+
 def test_split_keeping_a_sliver_is_ill_conditioned(tmp_path) -> None:  # noqa: ANN001
     """Found by the 5000-example dynamic run (12 dB): x*100 with channel 0 constant at -3 -> depthwise Conv ->
     Split keeping channel 0 -> GlobalAveragePool -> Gemm. The output depends only on a channel 1/150 of its
     tensor's range; one 8-bit scale for the whole tensor leaves it a step or two. ONNX Runtime's own
     quantize_dynamic loses exactly as much, so the property skips such cases instead of failing."""
-    from onnxruntime.quantization import quantize_dynamic
-
     nodes = [
         helper.make_node("Conv", ["x", "w", "b"], ["c"], group=3),
         helper.make_node("Split", ["c", "sizes"], ["kept", "dropped"], axis=1),
@@ -641,12 +650,7 @@ def test_split_keeping_a_sliver_is_ill_conditioned(tmp_path) -> None:  # noqa: A
     x[:, 0] = -3.0
     data = {"x": x.astype(np.float32)}
     assert _ill_conditioned(model, data)
-    ours = ortq.Toolkit(autoload=False).quantize_dynamic(model, None, op_types_to_quantize=["Conv"])
-    onnx.save(model, tmp_path / "m.onnx")
-    quantize_dynamic(tmp_path / "m.onnx", tmp_path / "ort.onnx", op_types_to_quantize=["Conv"])
-    reference = _run(model, data)[0]
-    ort_sqnr = sqnr_db(reference, _run(onnx.load(tmp_path / "ort.onnx"), data)[0])
-    our_sqnr = sqnr_db(reference, _run(ours.model, data)[0])
+    our_sqnr, ort_sqnr = _dynamic_conv_sqnrs(model, data, tmp_path)
     assert our_sqnr < SQNR_FLOOR_DB and abs(our_sqnr - ort_sqnr) < 0.5, (our_sqnr, ort_sqnr)
 
 
@@ -655,8 +659,6 @@ def test_output_lost_by_rounding_the_input_alone_is_ill_conditioned(tmp_path) ->
     Relu -> GlobalAveragePool -> Gemm -> Softmax. The constant channel is below half a step of the input's
     8-bit scale, so it rounds to zero and the logits lose its contribution, in ONNX Runtime's dynamic
     quantization as in ortq's: rounding the input alone already falls below the floor."""
-    from onnxruntime.quantization import quantize_dynamic
-
     nodes = [
         helper.make_node("Conv", ["x", "w"], ["c"], group=2, strides=[2, 2]),
         helper.make_node("Relu", ["c"], ["r"]),
@@ -672,12 +674,7 @@ def test_output_lost_by_rounding_the_input_alone_is_ill_conditioned(tmp_path) ->
     x[:, 1] = 1.0
     data = {"x": x.astype(np.float32)}
     assert _rounding_sqnr(model, data) < SQNR_FLOOR_DB and _ill_conditioned(model, data)
-    ours = ortq.Toolkit(autoload=False).quantize_dynamic(model, None, op_types_to_quantize=["Conv"])
-    onnx.save(model, tmp_path / "m.onnx")
-    quantize_dynamic(tmp_path / "m.onnx", tmp_path / "ort.onnx", op_types_to_quantize=["Conv"])
-    reference = _run(model, data)[0]
-    ort_sqnr = sqnr_db(reference, _run(onnx.load(tmp_path / "ort.onnx"), data)[0])
-    our_sqnr = sqnr_db(reference, _run(ours.model, data)[0])
+    our_sqnr, ort_sqnr = _dynamic_conv_sqnrs(model, data, tmp_path)
     assert our_sqnr < SQNR_FLOOR_DB and abs(our_sqnr - ort_sqnr) < 1.0, (our_sqnr, ort_sqnr)
 
 
