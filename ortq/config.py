@@ -5,9 +5,21 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from .errors import ConfigError
 from .scheme import QuantSpec, QuantType
 
-__all__ = ["QuantConfig"]
+__all__ = ["QuantConfig", "QUANT_FORMATS", "parse_quant_format"]
+
+#: Output formats: QuantizeLinear/DequantizeLinear pairs, or ONNX Runtime's integer operators.
+QUANT_FORMATS = ("qdq", "qoperator")
+
+
+def parse_quant_format(value: Any) -> str:
+    """A format name, or ONNX Runtime's ``QuantFormat`` member, as one of :data:`QUANT_FORMATS`."""
+    name = str(getattr(value, "name", value)).lower()
+    if name not in QUANT_FORMATS:
+        raise ConfigError(f"quant_format {value!r} is not one of {', '.join(QUANT_FORMATS)}")
+    return name
 
 
 @dataclass

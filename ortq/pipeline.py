@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 
 from .calibrate import run_calibration
-from .config import QuantConfig
+from .config import QuantConfig, parse_quant_format
 from .data import iter_batches, model_inputs
 from .errors import CalibrationError, ConfigError, ModelError, OrtqError, PluginError
 from .graph import GraphIndex, uses_float16
@@ -120,10 +120,7 @@ def resolve_config(backend: Backend, **overrides: Any) -> QuantConfig:
         config.calibrator_options = dict(overrides["calibrator_options"])
     if config.extreme_range <= 0:
         raise ConfigError("extreme_range must be positive")
-    if overrides.get("quant_format") is not None:
-        config.quant_format = str(getattr(overrides["quant_format"], "name", overrides["quant_format"])).lower()
-    if config.quant_format not in QUANT_FORMATS:
-        raise ConfigError(f"quant_format {config.quant_format!r} is not one of {', '.join(QUANT_FORMATS)}")
+    config.quant_format = parse_quant_format(_pick(overrides.get("quant_format"), config.quant_format))
     backend.check_config(config)
     return config
 
@@ -525,10 +522,6 @@ _OVERRIDES = {
     "op_types_no_output_quantization", "calibrate_method", "calibrator_options", "extreme_range", "backend_options",
     "quant_format",
 }
-#: Output formats of static quantization.
-QUANT_FORMATS = ("qdq", "qoperator")
-
-
 def _compact(model: onnx.ModelProto) -> onnx.ModelProto:
     """A fresh copy that holds only what the rewritten graph still uses.
 

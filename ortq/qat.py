@@ -35,8 +35,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 
-from .errors import ConfigError, ModelError
-from .graph import QDQ_DOMAINS, QDQ_OP_TYPES, FreshNames, GraphIndex, is_qdq, node_label
+from .config import parse_quant_format
+from .errors import ModelError
+from .graph import QDQ_OP_TYPES, FreshNames, GraphIndex, is_qdq, node_label
 from .model_io import check_output_path, infer_shapes, model_opset, model_size, read_model, staged_save
 from .rewrite_qdq import constant_dq, drop_unused_constants
 from .rewrite_qoperator import convert_to_qoperator
@@ -46,11 +47,10 @@ from .verify import VerificationReport, verify_model
 if TYPE_CHECKING:
     from .toolkit import Toolkit
 
-__all__ = ["QatResult", "quantize_qat", "refuse_quantized", "validate_qdq", "QDQ_OP_TYPES", "QAT_FORMATS"]
+__all__ = ["QatResult", "quantize_qat", "refuse_quantized", "validate_qdq", "QDQ_OP_TYPES"]
 
 log = logging.getLogger(__name__)
 
-QAT_FORMATS = ("qdq", "qoperator")
 _INT32 = np.iinfo(np.int32)
 #: Quantized element types of QuantizeLinear outputs / DequantizeLinear inputs (int32 only for DequantizeLinear).
 _QTYPES = {
@@ -489,9 +489,7 @@ def quantize_qat(
     """
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    fmt = str(getattr(quant_format, "name", quant_format)).lower()
-    if fmt not in QAT_FORMATS:
-        raise ConfigError(f"quant_format {quant_format!r} is not one of {', '.join(QAT_FORMATS)}")
+    fmt = parse_quant_format(quant_format)
     out = check_output_path(output) if output is not None else None
     loaded = read_model(model)
     proto, label = loaded.model, str(loaded.source) if loaded.source else "model"
