@@ -40,7 +40,7 @@ from .op_quantizer import Activation, SameAs, Weight
 from .planner import QuantPlan, make_plan
 from .scheme import QuantType
 from .state import CalibrationState
-from .verify import make_session
+from .verify import make_session, run_outputs
 
 if TYPE_CHECKING:
     from .metric import Metric
@@ -151,9 +151,7 @@ class _Scorer:
 
     def score_model(self, model: onnx.ModelProto) -> float:
         self.trials += 1
-        session = make_session(model, self.providers)
-        names = [o.name for o in session.get_outputs()]
-        outputs = [dict(zip(names, session.run(names, feed))) for feed in self.feeds]
+        _, outputs = run_outputs(make_session(model, self.providers), self.feeds)
         return self._score(outputs)
 
     def better(self, a: float, b: float) -> float:
@@ -485,13 +483,10 @@ def _evaluation_set(
     from .evaluate import resolve_labels
 
     all_labels, data = resolve_labels(labels, data)  # labels may be a file, an array, or an array in the data
-    feeds = list(iter_batches(data, model_inputs(model), batch_size, max_samples, image_options))
+    batches = iter_batches(data, model_inputs(model), batch_size, max_samples, image_options)
+    feeds, reference = run_outputs(make_session(model, providers), batches)
     if not feeds:
         raise ConfigError("the evaluation data has no samples")
-    session = make_session(model, providers)
-    names = [o.name for o in session.get_outputs()]
-    reference = [dict(zip(names, session.run(names, feed))) for feed in feeds]
-    del session
     label_batches: list[np.ndarray | None] = [None] * len(feeds)
     if all_labels is not None:
         sizes = [len(next(iter(f.values()))) for f in feeds]

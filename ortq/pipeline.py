@@ -32,7 +32,7 @@ from .state import CalibrationState, model_fingerprint
 from .tensor_overrides import TensorOverrides
 from .qat import refuse_quantized
 from .scheme import QuantParams, QuantSpec, QuantType
-from .verify import LOW_SQNR_DB, VerificationReport, verify_model
+from .verify import LOW_SQNR_DB, VerificationReport, make_session, run_outputs, verify_model
 
 if TYPE_CHECKING:
     from .backend import Backend
@@ -480,14 +480,8 @@ def quantize_dynamic(
     reference: list[dict[str, np.ndarray]] = []
     t1 = time.perf_counter()
     if verify_data is not None:
-        from .verify import make_session
-
-        session = make_session(proto, providers)
-        names = [o.name for o in session.get_outputs()]
-        for feed in iter_batches(verify_data, model_inputs(proto), batch_size, max_samples):
-            feeds.append(feed)
-            reference.append(dict(zip(names, session.run(names, feed))))
-        del session
+        batches = iter_batches(verify_data, model_inputs(proto), batch_size, max_samples)
+        feeds, reference = run_outputs(make_session(proto, providers), batches)
     timings["reference"] = time.perf_counter() - t1
 
     t2 = time.perf_counter()

@@ -542,15 +542,10 @@ def _reference_outputs(
     if data is None:
         return [], []
     from .data import iter_batches, model_inputs
-    from .verify import make_session
+    from .verify import make_session, run_outputs
 
     try:
         session = make_session(model, providers)
     except Exception as exc:
         raise ModelError(f"{label}: ONNX Runtime cannot load the input model to compare with: {exc}") from None
-    names = [o.name for o in session.get_outputs()]
-    feeds, reference = [], []
-    for feed in iter_batches(data, model_inputs(model), batch_size, max_samples):
-        feeds.append(feed)
-        reference.append(dict(zip(names, session.run(names, feed))))
-    return feeds, reference
+    return run_outputs(session, iter_batches(data, model_inputs(model), batch_size, max_samples))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import onnx
@@ -13,7 +13,7 @@ from .errors import VerificationError
 from .metrics import max_abs_error, sqnr_db, top1_agreement
 from .model_io import check_model, session_source
 
-__all__ = ["OutputComparison", "VerificationReport", "verify_model", "LOW_SQNR_DB"]
+__all__ = ["OutputComparison", "VerificationReport", "verify_model", "make_session", "run_outputs", "LOW_SQNR_DB"]
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,17 @@ def make_session(model: onnx.ModelProto, providers: Sequence[Any] | None = None,
     # Bytes, or above the protobuf limit a temporary file with external data, removed once the session is built.
     with session_source(model) as source:
         return ort.InferenceSession(source, so, providers=list(providers or ["CPUExecutionProvider"]))
+
+
+def run_outputs(session: Any, feeds: Iterable[dict[str, np.ndarray]]) -> tuple[list[dict[str, np.ndarray]], list[dict[str, np.ndarray]]]:
+    """Every output of ``session`` on each feed, by name, with the feeds kept beside them: the reference a
+    quantized model is later compared with (the feeds may be a one-pass iterator)."""
+    names = [o.name for o in session.get_outputs()]
+    kept, outputs = [], []
+    for feed in feeds:
+        kept.append(feed)
+        outputs.append(dict(zip(names, session.run(names, feed))))
+    return kept, outputs
 
 
 def verify_model(
