@@ -74,10 +74,6 @@ class TensorOverride:
     def gives_params(self) -> bool:
         return self.scale is not None
 
-    @property
-    def gives_range(self) -> bool:
-        return self.rmin is not None and self.rmax is not None
-
 
 # -- parsing ----------------------------------------------------------------------------------------------
 def _parse(source: Mapping[str, Any] | str | Path) -> dict[str, TensorOverride]:
