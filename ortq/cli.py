@@ -268,21 +268,23 @@ def build_cli(toolkit: Toolkit) -> click.Group:
             tensor_overrides is not None and calibration_data is None  # given parameters may need no data
         ):
             raise click.UsageError("give exactly one of --calibration-data and --calibration-state")
+        # What both the plain and the accuracy-driven run take: the scheme, the data reading, the target's options.
+        options = dict(
+            calibrate_method=calibrate_method, providers=list(provider) or None,
+            backend_options=_key_values(backend_option) or None, image_options=_make_image_options(**image_flags),
+            calibrator_options=_key_values(calibrator_option) or None, activation_type=activation_type,
+            weight_type=weight_type, per_channel=per_channel, activation_symmetric=activation_symmetric,
+            weight_symmetric=weight_symmetric, reduce_range=reduce_range, op_types_to_quantize=_csv(op_types),
+            nodes_to_quantize=_csv(nodes_to_quantize), nodes_to_exclude=_csv(nodes_to_exclude), batch_size=batch_size,
+            max_samples=max_samples, extreme_range=extreme_range, quant_format=quant_format,
+        )
         if target_spec is not None:
             accuracy, eval_data, labels, max_rank_trials, fallback = target_spec
             if calibration_state is not None:
                 raise click.UsageError("--min-sqnr/--max-drop calibrate once themselves; give --calibration-data")
             found = toolkit.quantize_to_target(
                 model, output, target=accuracy, calibration_data=calibration_data, eval_data=eval_data,
-                labels=labels, max_rank_trials=max_rank_trials, fallback=fallback, backend=target,
-                calibrate_method=calibrate_method,
-                providers=list(provider) or None, backend_options=_key_values(backend_option) or None,
-                image_options=_make_image_options(**image_flags),
-                calibrator_options=_key_values(calibrator_option) or None, activation_type=activation_type,
-                weight_type=weight_type, per_channel=per_channel, activation_symmetric=activation_symmetric,
-                weight_symmetric=weight_symmetric, reduce_range=reduce_range, op_types_to_quantize=_csv(op_types),
-                nodes_to_quantize=_csv(nodes_to_quantize), nodes_to_exclude=_csv(nodes_to_exclude),
-                batch_size=batch_size, max_samples=max_samples, extreme_range=extreme_range, quant_format=quant_format,
+                labels=labels, max_rank_trials=max_rank_trials, fallback=fallback, backend=target, **options,
             )
             click.echo(found.result.summary())
             click.echo(found.summary())
@@ -292,16 +294,9 @@ def build_cli(toolkit: Toolkit) -> click.Group:
             return
         with _progress(calibration_data, max_samples) as bar:
             result = toolkit.quantize(
-                model, output, calibration_data=calibration_data, calibration_state=calibration_state,
-                target=target, calibrate_method=calibrate_method, providers=list(provider) or None,
-                backend_options=_key_values(backend_option) or None,
-                session_options=_make_session_options(intra_op_threads), image_options=_make_image_options(**image_flags),
-                calibrator_options=_key_values(calibrator_option) or None, activation_type=activation_type,
-                weight_type=weight_type, per_channel=per_channel, activation_symmetric=activation_symmetric,
-                weight_symmetric=weight_symmetric, reduce_range=reduce_range, op_types_to_quantize=_csv(op_types),
-                nodes_to_quantize=_csv(nodes_to_quantize), nodes_to_exclude=_csv(nodes_to_exclude), batch_size=batch_size,
-                max_samples=max_samples, extreme_range=extreme_range, verify=verify, progress=bar.update,
-                quant_format=quant_format, tensor_overrides=tensor_overrides,
+                model, output, calibration_data=calibration_data, calibration_state=calibration_state, target=target,
+                session_options=_make_session_options(intra_op_threads), verify=verify, progress=bar.update,
+                tensor_overrides=tensor_overrides, **options,
             )
         click.echo(result.summary())
         click.echo(f"wrote {result.output}")
