@@ -33,7 +33,7 @@ import numpy as np
 import onnx
 
 from .calibrate import run_calibration
-from .data import iter_batches, model_inputs
+from .data import feed_samples, iter_batches, model_inputs
 from .errors import ConfigError
 from .graph import GraphIndex
 from .op_quantizer import Activation, SameAs, Weight
@@ -489,7 +489,7 @@ def _evaluation_set(
         raise ConfigError("the evaluation data has no samples")
     label_batches: list[np.ndarray | None] = [None] * len(feeds)
     if all_labels is not None:
-        sizes = [len(next(iter(f.values()))) for f in feeds]
+        sizes = [feed_samples(f) for f in feeds]
         if len(all_labels) < sum(sizes):
             raise ConfigError(f"{len(all_labels)} label(s) for {sum(sizes)} evaluation sample(s)")
         starts = np.cumsum([0, *sizes])

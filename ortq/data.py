@@ -26,7 +26,7 @@ from .errors import CalibrationDataError
 if TYPE_CHECKING:
     from .images import ImageOptions
 
-__all__ = ["InputSpec", "model_inputs", "iter_batches", "load_npz", "load_npy", "DEFAULT_BATCH_SIZE"]
+__all__ = ["InputSpec", "model_inputs", "iter_batches", "feed_samples", "load_npz", "load_npy", "DEFAULT_BATCH_SIZE"]
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ def iter_batches(
     for count, feed in enumerate(raw):
         _validate(feed, inputs, f"{prefix}calibration batch {count}", seen)
         yield feed
-        seen += _leading(feed)
+        seen += feed_samples(feed)
         if max_samples is not None and seen >= max_samples:
             break  # before reading (and decoding) another batch
     else:
@@ -88,9 +88,10 @@ def iter_batches(
             raise CalibrationDataError(f"calibration data {_describe(source)} holds no samples")
 
 
-def _leading(feed: Mapping[str, np.ndarray]) -> int:
+def feed_samples(feed: Mapping[str, np.ndarray]) -> int:
+    """Samples in one feed: the leading dimension of its first input (1 for a scalar input)."""
     first = next(iter(feed.values()))
-    return int(first.shape[0]) if first.ndim else 1
+    return int(first.shape[0]) if np.ndim(first) else 1
 
 
 def _describe(source: Any) -> str:

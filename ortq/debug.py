@@ -43,7 +43,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from .data import iter_batches, model_inputs
+from .data import feed_samples, iter_batches, model_inputs
 from .errors import ModelError
 from .graph import GraphIndex
 from .metrics import sqnr_from_sums
@@ -806,8 +806,7 @@ class _Runner:
                 if st.count == 0:
                     st.axis = self._activation_axis(name, ref.ndim)
                 st.update(ref, actual, None, None)
-            first = next(iter(feed.values()))
-            samples += int(first.shape[0]) if first.ndim else 1
+            samples += feed_samples(feed)
             batches_seen += 1
         return stats, samples, batches_seen
 

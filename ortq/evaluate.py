@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence, Union
 import numpy as np
 import onnx
 
-from .data import InputSpec, load_npy, load_npz, iter_batches, model_inputs
+from .data import InputSpec, feed_samples, load_npy, load_npz, iter_batches, model_inputs
 from .errors import CalibrationDataError, ConfigError, ModelError
 from .metric import Metric
 from .model_io import LoadedModel, model_size, read_model
@@ -194,7 +194,7 @@ def evaluate(
     first_feed: dict[str, np.ndarray] | None = None
     exhausted = True
     for feed in iter_batches(data, inputs, batch_size, max_samples, image_options):
-        count = _samples(feed)
+        count = feed_samples(feed)
         if max_samples is not None and trim and report.samples + count > max_samples:
             count = max_samples - report.samples
             feed = {name: value[:count] for name, value in feed.items()}
@@ -222,7 +222,7 @@ def evaluate(
     report.float_size, report.quantized_size = _size(float_loaded), _size(quant_loaded)
     if latency_runs and first_feed is not None:
         feed = {name: value[:1] for name, value in first_feed.items()} if trim else first_feed
-        report.latency_batch = _samples(feed)
+        report.latency_batch = feed_samples(feed)
         report.float_latency_ms, report.quantized_latency_ms = _interleaved_latency(
             float_session, quant_session, output_names, feed, latency_runs
         )
@@ -372,11 +372,6 @@ def _run(session: Any, names: list[str], feed: dict[str, np.ndarray], model: str
     except Exception as exc:
         raise ModelError(f"{model}: ONNX Runtime failed on evaluation batch {batch}: {exc}") from None
     return dict(zip(names, values))
-
-
-def _samples(feed: Mapping[str, np.ndarray]) -> int:
-    first = next(iter(feed.values()))
-    return int(first.shape[0]) if np.ndim(first) else 1
 
 
 def _size(loaded: LoadedModel) -> int:

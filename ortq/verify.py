@@ -9,6 +9,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import onnx
 
+from .data import feed_samples
 from .errors import VerificationError
 from .metrics import max_abs_error, sqnr_db, top1_agreement
 from .model_io import check_model, session_source
@@ -89,7 +90,7 @@ def verify_model(
             raise VerificationError(f"ONNX Runtime failed to run the quantized model on batch {index}: {exc}") from None
         for n, value in zip(names, values):
             actual[n].append(np.asarray(value))
-        report.samples += int(next(iter(feed.values())).shape[0])
+        report.samples += feed_samples(feed)
     for n in names:
         ref, act = [np.asarray(r[n]) for r in reference], actual[n]
         flat_r = np.concatenate([x.reshape(-1) for x in ref])
