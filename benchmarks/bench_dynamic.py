@@ -15,7 +15,7 @@ import numpy as np, onnx, onnxruntime as ort
 from onnx import compose
 from models import transformer_block
 import ortq
-from ortq.metrics import cosine_similarity
+from ortq.core.error_measures import cosine_similarity
 WORK = tempfile.mkdtemp(prefix='ortq_bench_dynamic_')
 from onnxruntime.quantization import quantize_dynamic, QuantType
 m1, _, ev = transformer_block(seed=0, seq=128, dim=768, heads=12, ffn=3072, n_calibration=1, n_evaluation=4)
@@ -43,7 +43,7 @@ shutil.rmtree(WORK, ignore_errors=True)
 
 # -- LSTM: DynamicQuantizeLSTM (input 256, hidden 512, seq 64, batch 1), forward and bidirectional ---------------
 from onnx import helper, numpy_helper, TensorProto
-from ortq.metrics import sqnr_db
+from ortq.core.error_measures import sqnr_db
 WORK = tempfile.mkdtemp(prefix='ortq_bench_dynamic_lstm_')
 def lstm_model(direction, features=256, hidden=512, seq=64, seed=0):
     rng = np.random.default_rng(seed); dirs = 2 if direction == "bidirectional" else 1

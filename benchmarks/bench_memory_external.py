@@ -22,7 +22,7 @@ from pathlib import Path
 
 CHILD = r'''
 import json, resource, sys, time
-import ortq, ortq.pipeline as pipeline
+import ortq, ortq.pipeline.run as pipeline
 marks = []
 
 def high_water():

@@ -152,7 +152,7 @@ def run_child(tool: str, model: Path, out: Path) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------- what came out
 def describe(path: Path) -> dict[str, Any]:
     """Node count, op histogram, and how many activations still lack a full shape (what a quantizer needs)."""
-    from ortq.preprocess import tensors_without_shape
+    from ortq.tools.preprocess import tensors_without_shape
 
     model = onnx.load(str(path))
     ops = Counter(n.op_type for n in model.graph.node)
@@ -260,7 +260,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         ref = run_model(raw, evals, args.batch_size)
         sqnr: dict[str, dict[str, float | None]] = {}
         quant_s: dict[str, dict[str, float]] = {}
-        from ortq.metrics import sqnr_db
+        from ortq.core.error_measures import sqnr_db
 
         for variant, path in (("raw", raw), *((t, outs[t]) for t in TOOLS if outs[t].exists())):
             sqnr[variant], quant_s[variant] = {}, {}

@@ -126,7 +126,7 @@ def output_step(path: str, output: str = "logits") -> float | None:
 
 
 def benchmark(args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    from ortq.metrics import sqnr_db, top1_agreement
+    from ortq.core.error_measures import sqnr_db, top1_agreement
 
     res, widths, blocks, classes = (64, [16, 32, 64, 128], 1, 100) if args.small else (224, [64, 128, 256, 512], 2, 1000)
     calib, evals = make_images(args.samples, res, args.seed + 1), make_images(args.eval_samples, res, args.seed + 2)

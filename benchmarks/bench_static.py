@@ -265,7 +265,7 @@ def run_child(tool: str, model: Path, data: Path, out: Path, batch: int) -> dict
 
 # ------------------------------------------------------------------------------------------ report
 def accuracy(ref: np.ndarray, out: np.ndarray) -> dict[str, float | None]:
-    from ortq.metrics import cosine_similarity, sqnr_db, top1_agreement
+    from ortq.core.error_measures import cosine_similarity, sqnr_db, top1_agreement
 
     return {"sqnr_db": sqnr_db(ref, out), "top1": top1_agreement(ref, out), "cosine": cosine_similarity(ref, out)}
 

@@ -15,11 +15,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from .accuracy_driven import AccuracyDrivenResult, AccuracyTarget
-from .backend import Backend
-from .calibrator import Calibrator, MinMaxStatistic, Statistic
-from .config import QuantConfig
-from .errors import (
+from ortq.tools.accuracy_driven import AccuracyDrivenResult, AccuracyTarget
+from ortq.core.backend import Backend
+from ortq.core.calibrator import Calibrator, MinMaxStatistic, Statistic
+from ortq.core.config import QuantConfig
+from ortq.core.errors import (
     CalibrationDataError,
     CalibrationError,
     ConfigError,
@@ -28,17 +28,17 @@ from .errors import (
     PluginError,
     VerificationError,
 )
-from .hookspecs import hookimpl
-from .op_quantizer import (
+from ortq.core.hookspecs import hookimpl
+from ortq.core.op_quantizer import (
     Activation, Bias, LeaveFloat, NodePlan, OpQuantizer, PlanContext, QOperatorContext, QuantizedTensor, SameAs, Weight,
 )
-from .scheme import QuantParams, QuantSpec, QuantType
-from .images import ImageOptions
-from .metric import Metric
-from .state import CalibrationState
-from .toolkit import Toolkit
+from ortq.core.scheme import QuantParams, QuantSpec, QuantType
+from ortq.io.images import ImageOptions
+from ortq.core.metric import Metric
+from ortq.io.state import CalibrationState
+from ortq.api.toolkit import Toolkit
 
-__version__ = "0.1.0"
+from .core.version import __version__  # noqa: E402,F401 - one version string
 
 __all__ = [
     "__version__",
@@ -107,9 +107,9 @@ def quantize_qat(model: Any, output: Any = None, **options: Any):  # noqa: ANN20
     return Toolkit().quantize_qat(model, output, **options)
 
 
-from .compat import CalibrationDataReader, CalibrationMethod, QuantFormat, quantize_dynamic, quantize_static  # noqa: E402
+from ortq.api.compat import CalibrationDataReader, CalibrationMethod, QuantFormat, quantize_dynamic, quantize_static  # noqa: E402
 # Bound after the submodule import so ``ortq.evaluate`` is the function (the module stays importable by name).
-from .evaluate import EvaluationReport, MetricResult, evaluate  # noqa: E402
-# Likewise ``ortq.preprocess`` is the function; ``from ortq.preprocess import ...`` still reaches the module.
-from .preprocess import PreprocessResult, preprocess  # noqa: E402
-from .debug import DebugReport, debug_models  # noqa: E402
+from ortq.tools.evaluate import EvaluationReport, MetricResult, evaluate  # noqa: E402
+# Likewise ``ortq.preprocess`` is the function; ``from ortq.tools.preprocess import ...`` still reaches the module.
+from ortq.tools.preprocess import PreprocessResult, preprocess  # noqa: E402
+from ortq.tools.debug import DebugReport, debug_models  # noqa: E402

@@ -1,3 +1,3 @@
-from ortq.cli import main
+from ortq.api.cli import main
 
 main()

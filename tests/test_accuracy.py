@@ -14,10 +14,10 @@ import onnxruntime as ort
 import pytest
 
 import ortq
-from ortq.metrics import cosine_similarity, max_abs_error, sqnr_db, top1_agreement
+from ortq.core.error_measures import cosine_similarity, max_abs_error, sqnr_db, top1_agreement
 
 if __package__:
-    from .models import opset9_conv_relu, resnet_like, run_float, transformer_block
+    from tests.models import opset9_conv_relu, resnet_like, run_float, transformer_block
 else:
     from models import opset9_conv_relu, resnet_like, run_float, transformer_block
 

@@ -8,9 +8,9 @@ import onnxruntime as ort
 import pytest
 
 import ortq
-from ortq.accuracy_driven import AccuracyTarget, quantize_to_target
-from ortq.errors import ConfigError
-from ortq.metrics import sqnr_db
+from ortq.tools.accuracy_driven import AccuracyTarget, quantize_to_target
+from ortq.core.errors import ConfigError
+from ortq.core.error_measures import sqnr_db
 
 from models import outlier_channel_cnn, resnet_like, run_float
 
@@ -150,7 +150,7 @@ def test_unknown_metric_is_a_clear_error(toolkit: ortq.Toolkit, hostile) -> None
 def test_cli_min_sqnr_reports_kept_tensors(hostile, tmp_path) -> None:
     from click.testing import CliRunner
 
-    from ortq.cli import build_cli
+    from ortq.api.cli import build_cli
 
     model, calibration, evaluation = hostile
     onnx.save(model, tmp_path / "m.onnx")
@@ -211,7 +211,7 @@ def test_backward_elimination_drops_tensors_the_others_make_unneeded() -> None:
     """Only b matters; the prefix search handed over a, b, c: a and c go back to 8 bits, b stays."""
     from types import SimpleNamespace
 
-    from ortq.accuracy_driven import TensorSensitivity, _drop_unneeded
+    from ortq.tools.accuracy_driven import TensorSensitivity, _drop_unneeded
 
     units = [TensorSensitivity(t, [f"node_{t}"], ["Conv"], None, None) for t in "abc"]
     built: list[set[str]] = []
@@ -226,7 +226,7 @@ def test_backward_elimination_drops_tensors_the_others_make_unneeded() -> None:
 
 @pytest.mark.parametrize("n", [1, 2, 3, 7, 8, 9, 33])
 def test_shortest_prefix_finds_the_first_hit_in_few_calls(n: int) -> None:
-    from ortq.accuracy_driven import _shortest_prefix
+    from ortq.tools.accuracy_driven import _shortest_prefix
 
     for first in range(1, n + 1):
         calls: list[int] = []
@@ -263,9 +263,9 @@ def test_16bit_fallback_keeps_every_node_quantized(toolkit: ortq.Toolkit, hostil
 def test_warning_filter_leaves_other_threads_alone(caplog) -> None:
     import threading
 
-    from ortq.accuracy_driven import _each_warning_once
+    from ortq.tools.accuracy_driven import _each_warning_once
 
-    log = __import__("logging").getLogger("ortq.pipeline")
+    log = __import__("logging").getLogger("ortq.pipeline.run")
     with _each_warning_once():
         log.warning("same words")
         log.warning("same words")  # this thread: said once

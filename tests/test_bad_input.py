@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from conftest import tiny_cnn, tiny_data
 
 import ortq
-from ortq.cli import build_cli
+from ortq.api.cli import build_cli
 
 
 def _files(folder: Path) -> set[str]:

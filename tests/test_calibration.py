@@ -12,13 +12,13 @@ from conftest import run, tiny_cnn, tiny_data
 from onnx import TensorProto, helper, numpy_helper
 
 import ortq
-from ortq.calibrate import run_calibration
-from ortq.graph import GraphIndex
-from ortq.metrics import sqnr_db
+from ortq.pipeline.calibrate import run_calibration
+from ortq.core.graph import GraphIndex
+from ortq.core.error_measures import sqnr_db
 
 
 def test_observers_are_graph_nodes_not_extra_outputs(toolkit: ortq.Toolkit) -> None:
-    from ortq.calibrate import build_observed_model
+    from ortq.pipeline.calibrate import build_observed_model
 
     model = onnx.shape_inference.infer_shapes(tiny_cnn())
     observed = build_observed_model(model, GraphIndex(model), ["x", "r1"], "token")

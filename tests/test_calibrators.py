@@ -17,9 +17,9 @@ from hypothesis.extra import numpy as hnp
 from onnx import TensorProto, helper, numpy_helper
 
 import ortq
-from ortq.errors import CalibrationError, OrtqError
-from ortq.histogram import HistogramStatistic
-from ortq.metrics import sqnr_db
+from ortq.core.errors import CalibrationError, OrtqError
+from ortq.core.histogram import HistogramStatistic
+from ortq.core.error_measures import sqnr_db
 
 HISTOGRAM_CALIBRATORS = ("percentile", "entropy", "mse")
 U8 = ortq.QuantSpec(ortq.QuantType.UINT8)
@@ -295,7 +295,7 @@ def test_string_options(toolkit: ortq.Toolkit) -> None:
 
 
 def test_cli_calibrator_options(tmp_path: Path, toolkit: ortq.Toolkit) -> None:
-    from ortq.cli import build_cli
+    from ortq.api.cli import build_cli
 
     model, data, out = tmp_path / "m.onnx", tmp_path / "calib.npz", tmp_path / "q.onnx"
     onnx.save(tiny_cnn(), model)

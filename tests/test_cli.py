@@ -14,8 +14,8 @@ from click.testing import CliRunner
 from conftest import run, tiny_data
 
 import ortq
-from ortq.cli import build_cli
-from ortq.metrics import sqnr_db
+from ortq.api.cli import build_cli
+from ortq.core.error_measures import sqnr_db
 
 
 def test_quantize_writes_a_valid_model_and_reports(tmp_path: Path, cnn_files, toolkit: ortq.Toolkit) -> None:
@@ -111,7 +111,7 @@ def test_real_process_with_autoload_off(tmp_path: Path, cnn_files) -> None:
 
 
 def test_progress_total_is_read_from_headers(tmp_path: Path) -> None:
-    from ortq.data import count_samples
+    from ortq.io.data import count_samples
 
     np.savez(tmp_path / "a.npz", x=np.zeros((37, 3), np.float32))
     np.savez_compressed(tmp_path / "b.npz", x=np.zeros((5, 3), np.float32))

@@ -34,8 +34,8 @@ from test_external_data import _save_external
 from test_hostile_graphs import FLOOR_DB, _conv_w, _data, _model, _opset7_cnn, _out, _subgraph_model, _x
 
 import ortq
-from ortq.cli import build_cli
-from ortq.metrics import sqnr_db
+from ortq.api.cli import build_cli
+from ortq.core.error_measures import sqnr_db
 from ortq.plugins.backends.cpu import CpuBackend
 
 # -- what every failing run must leave as it was --------------------------------------------------------------
@@ -353,8 +353,8 @@ class _RaisingAtExport:
 
 def test_plugin_raising_at_registration(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                         capsys: pytest.CaptureFixture[str]) -> None:
-    """The toolkit is built before the command group exists: ``ortq.cli.main`` reports it."""
-    from ortq import cli
+    """The toolkit is built before the command group exists: ``ortq.api.cli.main`` reports it."""
+    from ortq.api import cli
 
     monkeypatch.setattr(cli, "_toolkit_from_environment",
                         lambda: ortq.Toolkit([_RaisingAtRegistration()], autoload=False))

@@ -10,7 +10,7 @@ import pytest
 from conftest import run, tiny_cnn, tiny_data
 
 import ortq
-from ortq.metrics import sqnr_db
+from ortq.core.error_measures import sqnr_db
 
 
 class Reader:

@@ -17,8 +17,8 @@ from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
 import ortq
-from ortq.cli import build_cli
-from ortq.debug import debug_models, match_tensors
+from ortq.api.cli import build_cli
+from ortq.tools.debug import debug_models, match_tensors
 
 from conftest import tiny_cnn, tiny_data
 
@@ -126,8 +126,8 @@ def test_numbers_match_a_direct_computation(toolkit: ortq.Toolkit, tmp_path: Pat
     qmodel = onnx.load(quant_path)
     dq = next(n for n in qmodel.graph.node if n.op_type == "DequantizeLinear" and n.input[0] == row.quantized_tensor)
     act = fetch(quant_path, dq.output[0]).astype(np.float64)
-    assert row.sqnr_db == pytest.approx(ortq.metrics.sqnr_db(ref, act), abs=1e-6)
-    assert row.cosine == pytest.approx(ortq.metrics.cosine_similarity(ref, act), abs=1e-9)
+    assert row.sqnr_db == pytest.approx(ortq.core.error_measures.sqnr_db(ref, act), abs=1e-6)
+    assert row.cosine == pytest.approx(ortq.core.error_measures.cosine_similarity(ref, act), abs=1e-9)
     assert row.max_abs_error == pytest.approx(float(np.max(np.abs(ref - act))), rel=1e-6)
     # r1 carries its own quantizer's noise plus that of the input and weights upstream.
     assert row.injected_sqnr_db > row.sqnr_db + 1
@@ -489,7 +489,7 @@ def test_dynamic_lstm_weights_and_outputs(tmp_path: Path, quantizer: str, per_ch
         row = rows[name]
         assert (row.kind, row.quantized_tensor, row.node, row.op_type) == ("weight", lstm.input[weight], "lstm", "LSTM")
         deq = _dequantized(quantized, lstm, weight, scale, zero_point).transpose(0, 2, 1)
-        assert row.sqnr_db == pytest.approx(ortq.metrics.sqnr_db(floats[name], deq), abs=1e-9) and row.sqnr_db > 35
+        assert row.sqnr_db == pytest.approx(ortq.core.error_measures.sqnr_db(floats[name], deq), abs=1e-9) and row.sqnr_db > 35
         assert row.channel_sqnr_db == pytest.approx(_channel_mean_db(floats[name], deq, 1), abs=1e-9)
         assert row.injected_sqnr_db == pytest.approx(row.sqnr_db, abs=0.01)  # the same parameters, simulated
     assert rows["Y_h"].kind == ("float" if quantizer == "ortq" else "activation") and rows["Y_h"].sqnr_db > 30
@@ -513,7 +513,7 @@ def test_qattention_weight_and_output(per_channel: bool) -> None:
                                                                               per_channel)
     deq = _dequantized(quantized, attention, 1, 4, 7)
     ref = numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == "qkv"))
-    assert qkv.sqnr_db == pytest.approx(ortq.metrics.sqnr_db(ref, deq), abs=1e-9) and qkv.sqnr_db > 35
+    assert qkv.sqnr_db == pytest.approx(ortq.core.error_measures.sqnr_db(ref, deq), abs=1e-9) and qkv.sqnr_db > 35
     assert qkv.channel_sqnr_db == pytest.approx(_channel_mean_db(ref, deq, 1), abs=1e-9)  # per output column
     context = rows["context"]
     assert context.kind == "float" and context.quantized_tensor is None and context.sqnr_db > 25

@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 import pytest
 
-from ortq.debug import MatchedTensor, _Stats
+from ortq.tools.debug import MatchedTensor, _Stats
 
 
 def _matched(scale: np.ndarray, zero_point: np.ndarray, axis: int | None, elem_type: int) -> MatchedTensor:

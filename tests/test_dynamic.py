@@ -13,8 +13,8 @@ from models import gemm, run_float, transformer_block
 from onnx import helper, numpy_helper
 
 import ortq
-from ortq.cli import build_cli
-from ortq.metrics import cosine_similarity, sqnr_db
+from ortq.api.cli import build_cli
+from ortq.core.error_measures import cosine_similarity, sqnr_db
 
 
 def _optimized_ops(model_path: Path, tmp_path: Path) -> list[onnx.NodeProto]:
@@ -262,7 +262,7 @@ def test_lstm_becomes_dynamic_quantize_lstm(
 
 
 def test_lstm_with_computed_weights_stays_float_with_a_reason(toolkit: ortq.Toolkit, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level("INFO", logger="ortq.rewrite_dynamic")
+    caplog.set_level("INFO", logger="ortq.pipeline.rewrite_dynamic")
     model, feed = _lstm_model()
     # W scaled at run time: no constant to quantize offline.
     model.graph.node.insert(0, helper.make_node("Mul", ["W", "gain"], ["W_scaled"], name="scale_w"))
@@ -277,8 +277,8 @@ def test_lstm_with_computed_weights_stays_float_with_a_reason(toolkit: ortq.Tool
 
 
 def test_lstm_weight_types_and_layouts_the_kernel_lacks_stay_float(toolkit: ortq.Toolkit) -> None:
-    from ortq.graph import GraphIndex
-    from ortq.rewrite_dynamic import _lstm_unfit
+    from ortq.core.graph import GraphIndex
+    from ortq.pipeline.rewrite_dynamic import _lstm_unfit
 
     model, feed = _lstm_model()
     result = toolkit.quantize_dynamic(model, weight_type="int16", op_types_to_quantize=["LSTM"], verify_data=[feed])

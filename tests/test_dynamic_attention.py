@@ -10,7 +10,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import ortq
-from ortq.metrics import cosine_similarity, sqnr_db
+from ortq.core.error_measures import cosine_similarity, sqnr_db
 
 from models import run_float
 

@@ -16,7 +16,7 @@ from conftest import run
 from onnx import TensorProto, helper, numpy_helper
 
 import ortq
-from ortq.cli import build_cli
+from ortq.api.cli import build_cli
 from ortq.plugins.backends.esp32 import Esp32Backend, chip_spec, fold_batch_norm, optimize_for_esp_dl
 from ortq.plugins.backends.esp32.chips import HALF_EVEN, HALF_UP
 from ortq.plugins.backends.esp32.codegen import filter_layout, filter_unlayout
@@ -30,7 +30,7 @@ def toolkit() -> ortq.Toolkit:
     return ortq.Toolkit(autoload=False)
 
 
-def _export(toolkit: ortq.Toolkit, digits: Path, out: Path, **options) -> ortq.pipeline.QuantizationResult:
+def _export(toolkit: ortq.Toolkit, digits: Path, out: Path, **options) -> ortq.pipeline.run.QuantizationResult:
     out.mkdir(parents=True, exist_ok=True)
     return toolkit.quantize(
         digits / "model.onnx", out / "model.esp32.onnx", calibration_data=digits / "calibration.npz",
@@ -218,7 +218,7 @@ def test_chip_rounding_modes() -> None:
 
 
 def test_power_of_two_scheme_survives_user_options(toolkit: ortq.Toolkit, digits: Path) -> None:
-    from ortq.scheme import is_power_of_two
+    from ortq.core.scheme import is_power_of_two
 
     result = toolkit.quantize(
         digits / "model.onnx", calibration_data=digits / "calibration.npz", target="esp32",

@@ -14,8 +14,8 @@ from conftest import run, tiny_cnn, tiny_data
 from onnx import TensorProto, helper, numpy_helper
 
 import ortq
-from ortq.cli import build_cli
-from ortq.metrics import sqnr_db
+from ortq.api.cli import build_cli
+from ortq.core.error_measures import sqnr_db
 
 
 def feed_metric(metric: ortq.Metric, reference: np.ndarray, candidate: np.ndarray,
@@ -303,7 +303,7 @@ def test_defaults_skip_top1_without_a_class_axis_and_options_reach_the_metric(to
 
 
 def test_empty_label_file_is_a_one_line_error(tmp_path) -> None:
-    from ortq.evaluate import resolve_labels
+    from ortq.tools.evaluate import resolve_labels
 
     empty = tmp_path / "labels.npy"
     empty.write_bytes(b"")

@@ -15,9 +15,9 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import ortq
-from ortq import model_io
-from ortq.external_data import _all_tensors, declared_bytes, uses_external
-from ortq.metrics import sqnr_db
+from ortq.io import model_io
+from ortq.io.external_data import _all_tensors, declared_bytes, uses_external
+from ortq.core.error_measures import sqnr_db
 
 F = TensorProto.FLOAT
 THRESHOLD = 256  # bytes: EXTERNAL_MIN_BYTES lowered so that every constant below crosses it

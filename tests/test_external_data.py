@@ -13,8 +13,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import ortq
-from ortq import external_data, model_io
-from ortq.metrics import sqnr_db
+from ortq.io import external_data, model_io
+from ortq.core.error_measures import sqnr_db
 
 
 def _cnn(seed: int = 0) -> onnx.ModelProto:
@@ -255,7 +255,7 @@ def test_over_protobuf_limit_uses_paths(
     """With the limit lowered below the float model's size (4.3 MB) but above the int8 one's (1.1 MB), the
     float stages (load check, shape inference, calibration session) go through files and clean them up.
 
-    (verify_model's own checker call is not ortq.model_io's, so the quantized model stays under the limit.)
+    (verify_model's own checker call is not ortq.io.model_io's, so the quantized model stays under the limit.)
     """
     monkeypatch.setattr(model_io, "PROTOBUF_LIMIT", 2 << 20)
     temp_root = tmp_path / "tmp"
@@ -324,7 +324,7 @@ def test_output_data_file_may_not_overwrite_input_data(tmp_path: Path, toolkit: 
 def test_make_session_over_limit_uses_a_temporary_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from ortq.verify import make_session
+    from ortq.pipeline.verify import make_session
 
     monkeypatch.setattr(model_io, "PROTOBUF_LIMIT", 1 << 20)
     monkeypatch.setattr(model_io, "TEMP_DIR", str(tmp_path))

@@ -8,7 +8,7 @@ from conftest import run, tiny_cnn
 from onnx import TensorProto, numpy_helper
 
 import ortq
-from ortq.metrics import sqnr_db
+from ortq.core.error_measures import sqnr_db
 
 
 def _to_float16(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -17,10 +17,10 @@ import onnxruntime as ort
 import pytest
 
 import ortq
-from ortq.metrics import sqnr_db
+from ortq.core.error_measures import sqnr_db
 
 if __package__:
-    from . import models
+    from tests import models
 else:
     import models
 

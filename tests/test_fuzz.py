@@ -12,7 +12,7 @@ large 1e2) and random input data (scales 1e-3 to 1e2, sometimes one channel cons
   an invalid model; :class:`ortq.CalibrationError`: the observed model did not run) fail the property too.
 
 **The SQNR floor, 15 dB.** It is the pipeline's own "may be unusable" warning threshold
-(``ortq.verify.LOW_SQNR_DB``). One 8-bit requantization of a Gaussian-ish tensor with min/max ranges costs
+(``ortq.pipeline.verify.LOW_SQNR_DB``). One 8-bit requantization of a Gaussian-ish tensor with min/max ranges costs
 about 30-40 dB; a chain of up to eight ops requantizes several times and multiplies the errors (Mul of
 two quantized branches, Concat sharing one scale between a tiny and a large branch), which in practice
 brings the worst generated cases into the 20s. Measuring on the calibration data itself means no value
@@ -51,8 +51,8 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 import ortq
-from ortq.metrics import sqnr_db
-from ortq.pipeline import QuantizationResult
+from ortq.core.error_measures import sqnr_db
+from ortq.pipeline.run import QuantizationResult
 
 SQNR_FLOOR_DB = 15.0
 OPSET = 13

@@ -14,7 +14,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import ortq
-from ortq.metrics import sqnr_db
+from ortq.core.error_measures import sqnr_db
 
 C = 4
 FLOOR_DB = 25.0  # single-digit requantizations of small CNNs: observed 30-45 dB

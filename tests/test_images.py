@@ -11,12 +11,12 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import ortq
-from ortq.data import InputSpec, iter_batches
-from ortq.errors import CalibrationDataError, ConfigError
+from ortq.io.data import InputSpec, iter_batches
+from ortq.core.errors import CalibrationDataError, ConfigError
 
 Image = pytest.importorskip("PIL.Image")
 
-from ortq.images import ImageOptions, ImageReader, image_files, iter_image_batches  # noqa: E402
+from ortq.io.images import ImageOptions, ImageReader, image_files, iter_image_batches  # noqa: E402
 
 F32 = np.dtype("float32")
 
@@ -346,7 +346,7 @@ def test_quantize_from_an_image_folder(tmp_path: Path) -> None:
 def test_cli_image_flags(tmp_path: Path) -> None:
     from click.testing import CliRunner
 
-    from ortq.cli import build_cli
+    from ortq.api.cli import build_cli
 
     folder = tmp_path / "images"
     folder.mkdir()

@@ -13,7 +13,7 @@ from conftest import run
 from onnx import TensorProto, helper, numpy_helper
 
 import ortq
-from ortq.metrics import sqnr_db
+from ortq.core.error_measures import sqnr_db
 
 C = 4
 

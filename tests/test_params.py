@@ -9,7 +9,7 @@ from conftest import run
 from onnx import TensorProto, helper, numpy_helper
 
 import ortq
-from ortq.metrics import sqnr_db
+from ortq.core.error_measures import sqnr_db
 
 
 def test_bias_that_would_overflow_int32_widens_the_weight_scale(toolkit: ortq.Toolkit) -> None:

@@ -11,8 +11,8 @@ from click.testing import CliRunner
 from conftest import tiny_cnn, tiny_data
 
 import ortq
-from ortq.cli import build_cli
-from ortq.toolkit import BUILTIN_PLUGINS
+from ortq.api.cli import build_cli
+from ortq.host.plugin_host import BUILTIN_PLUGINS
 
 
 class ReluAgain(ortq.OpQuantizer):

@@ -16,10 +16,10 @@ from conftest import run, tiny_cnn, tiny_data
 from onnx import TensorProto, helper, numpy_helper
 
 import ortq
-from ortq import graph_passes
-from ortq.cli import build_cli
-from ortq.metrics import sqnr_db
-from ortq.preprocess import METADATA_KEY, preprocess_record, tensors_without_shape
+from ortq.pipeline import graph_passes
+from ortq.api.cli import build_cli
+from ortq.core.error_measures import sqnr_db
+from ortq.tools.preprocess import METADATA_KEY, preprocess_record, tensors_without_shape
 
 
 # -- models -------------------------------------------------------------------------------------------------
@@ -327,7 +327,7 @@ def test_opset_upgrade_and_onnx_runtime_basic_level(monkeypatch: pytest.MonkeyPa
     matmul = next(n for n in model.graph.node if n.op_type == "MatMul")
     matmul.input[0] = "f_copy"
     model.graph.node.insert(list(model.graph.node).index(matmul), helper.make_node("Identity", ["f"], ["f_copy"], name="copy"))
-    monkeypatch.setattr(ortq.model_io, "SESSION_FILE_BYTES", 1024)  # ONNX Runtime reads it from a file
+    monkeypatch.setattr(ortq.io.model_io, "SESSION_FILE_BYTES", 1024)  # ONNX Runtime reads it from a file
     result = ortq.preprocess(model, ort_level="basic")
     assert (result.opset_before, result.opset_after) == (11, 13)
     assert result.ran[0] == "opset" and "ort_optimization" in result.ran

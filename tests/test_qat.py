@@ -12,8 +12,8 @@ from conftest import run, tiny_cnn
 from onnx import TensorProto, helper, numpy_helper
 
 import ortq
-from ortq.cli import build_cli
-from ortq.metrics import sqnr_db
+from ortq.api.cli import build_cli
+from ortq.core.error_measures import sqnr_db
 
 RNG = np.random.default_rng(7)
 W1 = (RNG.standard_normal((8, 3, 3, 3)) * 0.3).astype(np.float32)

@@ -18,9 +18,9 @@ from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
 import ortq
-from ortq.cli import build_cli
-from ortq.metrics import sqnr_db
-from ortq.rewrite_qoperator import convert_to_qoperator, run_on_quantized
+from ortq.api.cli import build_cli
+from ortq.core.error_measures import sqnr_db
+from ortq.pipeline.rewrite_qoperator import convert_to_qoperator, run_on_quantized
 
 from conftest import tiny_cnn, tiny_data
 from models import (
@@ -242,7 +242,7 @@ def test_sixteen_bit_activations_stay_qdq_with_a_reason(toolkit: ortq.Toolkit, c
     """ONNX Runtime has no 16-bit integer kernels: the nodes keep their Q/DQ and the model still runs."""
     model, calib = tiny_cnn(), tiny_data(16)
     qdq = toolkit.quantize(model, None, calibration_data=calib, activation_type="uint16", verify=False)
-    with caplog.at_level(logging.INFO, logger="ortq.rewrite_qoperator"):
+    with caplog.at_level(logging.INFO, logger="ortq.pipeline.rewrite_qoperator"):
         qop, left = _converted(qdq.model, toolkit)
     assert "8-bit activations only" in left["conv"] and "8-bit activations only" in left["fc"]
     assert "conv" in caplog.text and "8-bit" in caplog.text

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import helper, numpy_helper
 
-from ortq.scheme import QuantSpec, QuantType, dequantize_array, params_from_range, quantize_array
+from ortq.core.scheme import QuantSpec, QuantType, dequantize_array, params_from_range, quantize_array
 
 ALL_TYPES = list(dict.fromkeys(QuantType))  # aliases (QInt8, ...) collapse onto the canonical members
 
@@ -88,7 +88,7 @@ def test_quantize_array_matches_onnxruntime(qtype: QuantType) -> None:
 
 @pytest.mark.parametrize("qtype", [QuantType.INT8, QuantType.INT16])
 def test_power_of_two_scales_cover_the_range(qtype: QuantType) -> None:
-    from ortq.scheme import is_power_of_two
+    from ortq.core.scheme import is_power_of_two
 
     spec = QuantSpec(qtype, symmetric=True, power_of_two=True)
     for absmax in (1e-3, 0.7, 1.0, 5.5, 300.0):

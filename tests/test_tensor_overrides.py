@@ -13,9 +13,9 @@ from conftest import run, tiny_cnn, tiny_data
 from onnx import numpy_helper
 
 import ortq
-from ortq.cli import build_cli
-from ortq.metrics import sqnr_db
-from ortq.scheme import QuantSpec, QuantType, params_from_range
+from ortq.api.cli import build_cli
+from ortq.core.error_measures import sqnr_db
+from ortq.core.scheme import QuantSpec, QuantType, params_from_range
 
 ACTIVATIONS = ("x", "r1", "g", "y")  # what the cpu plan of tiny_cnn observes (f copies g, c1 folds into relu)
 

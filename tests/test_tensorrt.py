@@ -16,8 +16,8 @@ from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
 import ortq
-from ortq.cli import build_cli
-from ortq.metrics import sqnr_db
+from ortq.api.cli import build_cli
+from ortq.core.error_measures import sqnr_db
 
 # The tensor built to calibrate to about [-60.75, 10]: a one-sided range that ONNX Runtime's own table
 # writer (max(hi, lo)) would record as 10, clipping everything below -10.

@@ -21,8 +21,11 @@ from pathlib import Path
 
 import onnx
 
-from ortq import Backend, PlanContext, QuantConfig, hookimpl
-from ortq.options import option_bool
+from ortq.core.backend import Backend
+from ortq.core.config import QuantConfig
+from ortq.core.hookspecs import hookimpl
+from ortq.core.op_quantizer import PlanContext
+from ortq.core.options import option_bool
 
 
 def cpu_lacks_vnni(cpuinfo: str | None = None) -> bool:

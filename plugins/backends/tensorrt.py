@@ -77,12 +77,17 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from ortq import Backend, ConfigError, ModelError, PlanContext, QuantConfig, QuantSpec, QuantType, hookimpl
-from ortq.model_io import write_file_atomic
-from ortq.options import option_bool
+from ortq.core.backend import Backend
+from ortq.core.config import QuantConfig
+from ortq.core.errors import ConfigError, ModelError
+from ortq.core.hookspecs import hookimpl
+from ortq.core.op_quantizer import PlanContext
+from ortq.core.scheme import QuantSpec, QuantType
+from ortq.io.model_io import write_file_atomic
+from ortq.core.options import option_bool
 
 if TYPE_CHECKING:
-    from ortq.pipeline import QuantizationResult
+    from ortq.pipeline.run import QuantizationResult
 
 log = logging.getLogger(__name__)
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from ortq import QuantSpec, hookimpl
-from ortq.histogram import HistogramCalibrator, HistogramStatistic, quantization_steps
-from ortq.options import option_bool, option_int
+from ortq.core.hookspecs import hookimpl
+from ortq.core.scheme import QuantSpec
+from ortq.core.histogram import HistogramCalibrator, HistogramStatistic, quantization_steps
+from ortq.core.options import option_bool, option_int
 
 #: Weight of the uniform distribution mixed into Q so that KL(P || Q) stays finite.
 _SMOOTHING = 1e-4

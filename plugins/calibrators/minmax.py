@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from ortq import Calibrator, MinMaxStatistic, QuantSpec, Statistic, hookimpl
-from ortq.errors import CalibrationError
-from ortq.histogram import HistogramStatistic
-from ortq.options import option_bool, option_float
+from ortq.core.calibrator import Calibrator, MinMaxStatistic, Statistic
+from ortq.core.hookspecs import hookimpl
+from ortq.core.scheme import QuantSpec
+from ortq.core.errors import CalibrationError
+from ortq.core.histogram import HistogramStatistic
+from ortq.core.options import option_bool, option_float
 
 
 class MinMaxCalibrator(Calibrator):

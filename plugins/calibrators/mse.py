@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from ortq import QuantSpec, hookimpl
-from ortq.histogram import HistogramCalibrator, HistogramStatistic, quantization_steps
-from ortq.options import option_bool
+from ortq.core.hookspecs import hookimpl
+from ortq.core.scheme import QuantSpec
+from ortq.core.histogram import HistogramCalibrator, HistogramStatistic, quantization_steps
+from ortq.core.options import option_bool
 
 
 class MseCalibrator(HistogramCalibrator):

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from ortq import QuantSpec, hookimpl
-from ortq.histogram import HistogramCalibrator, HistogramStatistic
-from ortq.options import option_bool, option_float
+from ortq.core.hookspecs import hookimpl
+from ortq.core.scheme import QuantSpec
+from ortq.core.histogram import HistogramCalibrator, HistogramStatistic
+from ortq.core.options import option_bool, option_float
 
 
 class PercentileCalibrator(HistogramCalibrator):
@@ -19,7 +20,7 @@ class PercentileCalibrator(HistogramCalibrator):
     Options (strings from the CLI are accepted): ``percentile`` (default 99.999, in [50, 100]) and
     ``symmetric`` (default false): clip ``|x|`` at its percentile and use ``[-t, t]``, or ``[0, t]`` for a
     tensor that never went negative. Statistics are exact streaming histograms
-    (:class:`ortq.histogram.HistogramStatistic`), so the result does not depend on batch order or size;
+    (:class:`ortq.core.histogram.HistogramStatistic`), so the result does not depend on batch order or size;
     quantiles are interpolated inside a bin and exact to within one bin width.
     """
 

@@ -14,9 +14,9 @@ from typing import ClassVar
 
 import numpy as np
 
-from ortq import hookimpl
-from ortq.errors import ConfigError
-from ortq.metric import MeanMetric, class_scores, stable_rank
+from ortq.core.hookspecs import hookimpl
+from ortq.core.errors import ConfigError
+from ortq.core.metric import MeanMetric, class_scores, stable_rank
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,6 @@ class Top5Agreement(TopKAgreement):
 
 
 @hookimpl
-def ortq_register_metrics(register) -> None:  # noqa: ANN001 - see ortq.hookspecs
+def ortq_register_metrics(register) -> None:  # noqa: ANN001 - see ortq.core.hookspecs
     register(Top1Agreement)
     register(Top5Agreement)

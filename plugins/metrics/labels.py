@@ -12,9 +12,9 @@ from typing import ClassVar
 
 import numpy as np
 
-from ortq import hookimpl
-from ortq.errors import ConfigError
-from ortq.metric import MeanMetric, class_scores, stable_rank
+from ortq.core.hookspecs import hookimpl
+from ortq.core.errors import ConfigError
+from ortq.core.metric import MeanMetric, class_scores, stable_rank
 
 
 class TopKAccuracy(MeanMetric):
@@ -67,6 +67,6 @@ class Top5Accuracy(TopKAccuracy):
 
 
 @hookimpl
-def ortq_register_metrics(register) -> None:  # noqa: ANN001 - see ortq.hookspecs
+def ortq_register_metrics(register) -> None:  # noqa: ANN001 - see ortq.core.hookspecs
     register(Accuracy)
     register(Top5Accuracy)

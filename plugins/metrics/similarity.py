@@ -2,17 +2,18 @@
 
 These need no class axis, so they also serve regression, detection and embedding models. Every output
 is compared as float64. ``sqnr`` is over all elements of all batches (the same number as
-:func:`ortq.metrics.sqnr_db` on the concatenated outputs), kept as two running sums.
+:func:`ortq.core.error_measures.sqnr_db` on the concatenated outputs), kept as two running sums.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from ortq import Metric, hookimpl
-from ortq.errors import ConfigError
-from ortq.metric import MeanMetric
-from ortq.metrics import sqnr_from_sums
+from ortq.core.hookspecs import hookimpl
+from ortq.core.metric import Metric
+from ortq.core.errors import ConfigError
+from ortq.core.metric import MeanMetric
+from ortq.core.error_measures import sqnr_from_sums
 
 
 def _pair(metric: Metric, output: str, reference: np.ndarray, candidate: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -87,7 +88,7 @@ class Sqnr(Metric):
 
 
 @hookimpl
-def ortq_register_metrics(register) -> None:  # noqa: ANN001 - see ortq.hookspecs
+def ortq_register_metrics(register) -> None:  # noqa: ANN001 - see ortq.core.hookspecs
     register(CosineSimilarity)
     register(MeanSquaredError)
     register(Sqnr)

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import onnx
 
-from ortq import LeaveFloat, NodePlan, OpQuantizer, PlanContext, QOperatorContext, hookimpl
-from ortq.rewrite_qoperator import qlinear_unary
+from ortq.core.hookspecs import hookimpl
+from ortq.core.op_quantizer import LeaveFloat, NodePlan, OpQuantizer, PlanContext, QOperatorContext
+from ortq.pipeline.rewrite_qoperator import qlinear_unary
 
 class _QuantizedChainOp(OpQuantizer):
     def plan(self, node: onnx.NodeProto, ctx: PlanContext) -> NodePlan | LeaveFloat:

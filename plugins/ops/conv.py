@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import onnx
 
-from ortq import Activation, Bias, LeaveFloat, NodePlan, OpQuantizer, PlanContext, QOperatorContext, Weight, hookimpl
-from ortq.rewrite_qoperator import check_kernel_types, int32_bias
+from ortq.core.hookspecs import hookimpl
+from ortq.core.op_quantizer import Activation, Bias, LeaveFloat, NodePlan, OpQuantizer, PlanContext, QOperatorContext, Weight
+from ortq.pipeline.rewrite_qoperator import check_kernel_types, int32_bias
 
 
 class ConvQuantizer(OpQuantizer):

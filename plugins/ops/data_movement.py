@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import onnx
 
-from ortq import LeaveFloat, NodePlan, OpQuantizer, PlanContext, QOperatorContext, SameAs, hookimpl
-from ortq.rewrite_qoperator import run_on_quantized
+from ortq.core.hookspecs import hookimpl
+from ortq.core.op_quantizer import LeaveFloat, NodePlan, OpQuantizer, PlanContext, QOperatorContext, SameAs
+from ortq.pipeline.rewrite_qoperator import run_on_quantized
 
 
 class DataMovementQuantizer(OpQuantizer):

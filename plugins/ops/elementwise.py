@@ -16,8 +16,9 @@ import onnx
 
 from onnx import helper
 
-from ortq import Activation, LeaveFloat, NodePlan, OpQuantizer, PlanContext, QOperatorContext, hookimpl
-from ortq.rewrite_qoperator import MS_DOMAIN, check_kernel_types
+from ortq.core.hookspecs import hookimpl
+from ortq.core.op_quantizer import Activation, LeaveFloat, NodePlan, OpQuantizer, PlanContext, QOperatorContext
+from ortq.pipeline.rewrite_qoperator import MS_DOMAIN, check_kernel_types
 
 _NOT_IN_CHAIN = "no input is quantized upstream, so an integer kernel here would only add Q/DQ"
 

@@ -7,8 +7,9 @@ import onnx
 import numpy as np
 from onnx import helper
 
-from ortq import Activation, Bias, LeaveFloat, NodePlan, OpQuantizer, PlanContext, QOperatorContext, Weight, hookimpl
-from ortq.rewrite_qoperator import MS_DOMAIN, check_kernel_types, float_constant, int32_bias
+from ortq.core.hookspecs import hookimpl
+from ortq.core.op_quantizer import Activation, Bias, LeaveFloat, NodePlan, OpQuantizer, PlanContext, QOperatorContext, Weight
+from ortq.pipeline.rewrite_qoperator import MS_DOMAIN, check_kernel_types, float_constant, int32_bias
 
 
 class MatMulQuantizer(OpQuantizer):

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import onnx
 
-from ortq import Activation, LeaveFloat, NodePlan, OpQuantizer, PlanContext, QOperatorContext, hookimpl
-from ortq.rewrite_qoperator import qlinear_unary
+from ortq.core.hookspecs import hookimpl
+from ortq.core.op_quantizer import Activation, LeaveFloat, NodePlan, OpQuantizer, PlanContext, QOperatorContext
+from ortq.pipeline.rewrite_qoperator import qlinear_unary
 
 
 class SoftmaxQuantizer(OpQuantizer):

@@ -36,17 +36,22 @@ from typing import TYPE_CHECKING, Mapping
 import numpy as np
 import onnx
 
-from ortq import Backend, ConfigError, ModelError, PlanContext, QuantConfig, QuantSpec, QuantType, hookimpl
-from ortq.model_io import write_file_atomic
+from ortq.core.backend import Backend
+from ortq.core.config import QuantConfig
+from ortq.core.errors import ConfigError, ModelError
+from ortq.core.hookspecs import hookimpl
+from ortq.core.op_quantizer import PlanContext
+from ortq.core.scheme import QuantSpec, QuantType
+from ortq.io.model_io import write_file_atomic
 
-from .chips import CHIPS, ChipSpec, chip_spec
-from .codegen import render, report_text
-from .evaluator import SUPPORTED_OPS, EvaluationStats, evaluate_qdq
-from .optimizer import fold_add_bias, fold_batch_norm, make_batch_dynamic, optimize_for_esp_dl
-from .qdq import QdqGraph, c_identifier
+from ortq.plugins.backends.esp32.chips import CHIPS, ChipSpec, chip_spec
+from ortq.plugins.backends.esp32.codegen import render, report_text
+from ortq.plugins.backends.esp32.evaluator import SUPPORTED_OPS, EvaluationStats, evaluate_qdq
+from ortq.plugins.backends.esp32.optimizer import fold_add_bias, fold_batch_norm, make_batch_dynamic, optimize_for_esp_dl
+from ortq.plugins.backends.esp32.qdq import QdqGraph, c_identifier
 
 if TYPE_CHECKING:
-    from ortq.pipeline import QuantizationResult
+    from ortq.pipeline.run import QuantizationResult
 
 __all__ = [
     "Esp32Backend",

@@ -37,8 +37,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .chips import ChipSpec
-from .qdq import Layer, QdqGraph, c_identifier
+from ortq.plugins.backends.esp32.chips import ChipSpec
+from ortq.plugins.backends.esp32.qdq import Layer, QdqGraph, c_identifier
 
 __all__ = ["filter_layout", "filter_unlayout", "layer_filter", "render", "report_text"]
 

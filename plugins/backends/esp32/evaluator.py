@@ -41,10 +41,10 @@ from typing import Mapping
 import numpy as np
 import onnx
 
-from ortq import ModelError
+from ortq.core.errors import ModelError
 
-from .chips import ChipSpec
-from .qdq import Layer, QdqGraph, quantize_alpha, round_div, round_float
+from ortq.plugins.backends.esp32.chips import ChipSpec
+from ortq.plugins.backends.esp32.qdq import Layer, QdqGraph, quantize_alpha, round_div, round_float
 
 __all__ = ["evaluate_qdq", "EvaluationStats", "SUPPORTED_OPS"]
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import onnx
 
-from ortq import graph_passes
+from ortq.pipeline import graph_passes
 
 __all__ = ["fold_batch_norm", "fold_add_bias", "make_batch_dynamic", "optimize_for_esp_dl"]
 
@@ -25,7 +25,7 @@ ADD_BIAS_INTO = ("Conv",)
 
 def fold_batch_norm(model: onnx.ModelProto) -> onnx.ModelProto:
     """Fold BatchNormalization into the Conv / ConvTranspose / Gemm / 2-D MatMul before it (a BN the chip
-    could not run otherwise); see :func:`ortq.graph_passes.fold_batch_norm`."""
+    could not run otherwise); see :func:`ortq.pipeline.graph_passes.fold_batch_norm`."""
     graph_passes.fold_batch_norm(model)
     return model
 
@@ -37,7 +37,7 @@ def fold_add_bias(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def make_batch_dynamic(model: onnx.ModelProto, dim_param: str = "batch") -> onnx.ModelProto:
-    """Axis 0 of every graph input and output symbolic; see :func:`ortq.graph_passes.make_batch_dynamic`."""
+    """Axis 0 of every graph input and output symbolic; see :func:`ortq.pipeline.graph_passes.make_batch_dynamic`."""
     graph_passes.make_batch_dynamic(model, dim_param)
     return model
 

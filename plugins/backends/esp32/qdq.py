@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from ortq import ModelError
-from ortq.graph import GraphIndex
+from ortq.core.errors import ModelError
+from ortq.core.graph import GraphIndex
 
-from .chips import HALF_EVEN, HALF_UP, ChipSpec
+from ortq.plugins.backends.esp32.chips import HALF_EVEN, HALF_UP, ChipSpec
 
 __all__ = [
     "KERNEL_OPS",

@@ -1,0 +1,51 @@
+"""What a backend plugin writes: a deployment target's scheme, its op policy, and its artifacts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar
+
+import onnx
+
+from ortq.core.config import QuantConfig
+
+if TYPE_CHECKING:
+    from ortq.core.op_quantizer import PlanContext
+    from ortq.core.report import QuantizationResult
+
+__all__ = ["Backend"]
+
+
+class Backend:
+    """Base class for target backends, registered by their lowercase ``name`` (``--target NAME``).
+
+    ``default_config`` is the scheme the target runs best; the user's explicit options override it.
+    ``excluded_op_types`` are ops the target runs slower (or no faster) quantized; every other op with a
+    registered op quantizer, third-party ones included, is quantized by default. A target that supports
+    only a few ops sets ``default_op_types`` instead. ``prepare`` rewrites the float model before planning
+    (folding BatchNormalization for a target that runs Conv only, say); ``leave_float`` vetoes single
+    nodes (returning the reason); ``export`` writes whatever the target needs beside the model, and may
+    raise :class:`ortq.ModelError` naming a node the target cannot run. Constructor keyword arguments are
+    the backend's options (``backend_options=`` in Python, ``--backend-option key=value`` on the CLI).
+    """
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    default_op_types: ClassVar[frozenset[str] | None] = None
+    excluded_op_types: ClassVar[frozenset[str]] = frozenset()
+
+    def default_config(self) -> QuantConfig:
+        return QuantConfig(op_types=self.default_op_types, excluded_op_types=self.excluded_op_types)
+
+    def check_config(self, config: QuantConfig) -> None:
+        """Refuse (with :class:`ortq.ConfigError`) user options the target cannot run, before any work."""
+
+    def prepare(self, model: onnx.ModelProto) -> onnx.ModelProto:
+        """The float model as the target will run it; the pipeline's private copy, free to edit."""
+        return model
+
+    def leave_float(self, node: onnx.NodeProto, ctx: PlanContext) -> str | None:
+        return None
+
+    def export(self, result: QuantizationResult, out_dir: Path) -> list[Path]:
+        return []

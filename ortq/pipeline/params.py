@@ -1,0 +1,290 @@
+"""Stage 3b: turn calibrated ranges and constant values into scales and zero points.
+
+A range that cannot be quantized usefully (not finite, or wider than ``config.extreme_range``, as with an
+attention mask filled with -1e9 or -3.4e38) is returned as a veto instead of parameters; the pipeline
+re-plans with the veto so every node touching that tensor stays float, and logs why.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from ortq.core.errors import ModelError
+from ortq.core.op_quantizer import Activation, Bias, SameAs, Weight
+from ortq.core.scheme import QuantParams, QuantSpec, is_power_of_two, params_from_range
+
+if TYPE_CHECKING:
+    from ortq.core.config import QuantConfig
+    from ortq.core.graph import GraphIndex
+    from ortq.pipeline.plan import QuantPlan
+
+__all__ = ["compute_params", "bias_params"]
+
+log = logging.getLogger(__name__)
+
+def compute_params(
+    plan: QuantPlan,
+    index: GraphIndex,
+    ranges: dict[str, tuple[float, float]],
+    config: QuantConfig,
+) -> tuple[dict[str, QuantParams], dict[str, str]]:
+    """Parameters for every planned tensor except biases (see :func:`bias_params`), and the vetoes."""
+    params: dict[str, QuantParams] = {}
+    vetoes: dict[str, str] = {}
+    for name, tp in plan.tensors.items():
+        if isinstance(tp.role, Activation):
+            if tp.role.fixed_range is not None:
+                lo, hi = tp.role.fixed_range
+            elif tp.constant:
+                values = index.constant_value(name)
+                _check_finite(values, name, tp.node)
+                lo, hi = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+            elif name not in ranges:
+                vetoes[name] = "was not calibrated"
+                continue
+            else:
+                lo, hi = ranges[name]
+            problem = _range_problem(lo, hi, config.extreme_range)
+            if problem:
+                vetoes[name] = problem
+                continue
+            params[name] = params_from_range(lo, hi, tp.spec)
+        elif isinstance(tp.role, Weight):
+            values = index.constant_value(name)
+            _check_finite(values, name, tp.node)
+            params[name] = weight_params(values, tp.spec, name)
+    _limit_average_requantization(plan, index, params)
+    for name, tp in plan.tensors.items():
+        if isinstance(tp.role, SameAs):
+            source = _resolve(plan, name)
+            if source in params:
+                src = params[source]
+                params[name] = QuantParams(src.scale, src.zero_point, src.qtype, src.axis, source=source)
+            else:
+                vetoes[name] = f"copies the parameters of {source!r}, which {vetoes.get(source, 'has none')}"
+    for name, tp in plan.tensors.items():
+        if isinstance(tp.role, Bias):
+            if ranges.get(tp.bias_input or "") == (0.0, 0.0) and np.any(index.constant_value(name)):
+                # Its input's scale is an arbitrary 1 (nothing to measure), so an int32 bias at
+                # 1 x weight scale would round the bias, which is then the node's whole output, to a few steps.
+                vetoes[name] = (
+                    f"its input {tp.bias_input!r} is constant zero on the calibration data, so the node's output "
+                    "is its bias, which an int32 bias at that input's scale cannot represent"
+                )
+                continue
+            _fit_bias_in_int32(name, tp, index, params)
+            problem = _bias_rounding_problem(name, tp, plan, index, params)
+            if problem:
+                vetoes[name] = problem
+    for name, p in params.items():
+        if index.float_dtype(name) == np.float16:
+            params[name] = _float16_exact(p)
+    return params, vetoes
+
+
+#: An average's output scale may be at most this much finer than its input's (see below).
+_MAX_AVERAGE_REFINEMENT = 128.0
+_AVERAGES = frozenset({"GlobalAveragePool", "AveragePool"})
+
+
+def _limit_average_requantization(plan: QuantPlan, index: GraphIndex, params: dict[str, QuantParams]) -> None:
+    """Keep an average's output scale no finer than input scale / (128 x the number of values averaged).
+
+    ONNX Runtime's QLinearGlobalAveragePool refuses input scale / (output scale x pixels) >= 256 at run
+    time ("parameter out of computation range"); a nearly constant average (a constant input channel, zero
+    weights upstream) calibrates to such a tiny output scale. Steps that fine carry no information the 8-bit
+    input could have given, so the output range is widened (zero point kept). Unknown sizes count as 1.
+    """
+    for name, tp in plan.tensors.items():
+        producer = index.producer.get(name)
+        if name not in params or producer is None or producer.op_type not in _AVERAGES or not producer.input:
+            continue
+        source = producer.input[0]
+        if source in plan.tensors:
+            source = _resolve(plan, source)
+        x, y = params.get(source), params[name]
+        if x is None or x.per_channel or y.per_channel:
+            continue
+        floor = float(x.scale) / (_MAX_AVERAGE_REFINEMENT * _values_averaged(producer, index))
+        if float(y.scale) >= floor:
+            continue
+        scale = np.float32(floor)
+        params[name] = QuantParams(scale, y.zero_point, y.qtype, y.axis, source="limited by its input's scale")
+
+
+def _values_averaged(node, index: GraphIndex) -> int:  # noqa: ANN001
+    if node.op_type == "AveragePool":
+        dims = list(index.attribute(node, "kernel_shape", []) or [])
+    else:
+        dims = (index.shape(node.input[0]) or [])[2:]
+    return int(np.prod(dims)) if dims and all(isinstance(d, int) and d > 0 for d in dims) else 1
+
+
+def _float16_exact(p: QuantParams) -> QuantParams:
+    """A float16 tensor's Q/DQ take float16 scales: use exactly the values the model will store.
+
+    Scales are kept at or above float16's smallest subnormal so none rounds to zero.
+    """
+    scale = np.maximum(p.scale, np.float32(2.0**-24)).astype(np.float16).astype(np.float32)
+    return QuantParams(scale, p.zero_point, p.qtype, p.axis, source=p.source)
+
+
+_INT32_MAX = float(np.iinfo(np.int32).max)
+
+
+def _bias_rounding_problem(name: str, tp, plan: QuantPlan, index: GraphIndex,  # noqa: ANN001
+                           params: dict[str, QuantParams]) -> str | None:
+    """Why the int32 bias would cost more than one step of the node's quantized output, or None.
+
+    The bias step is input scale x weight scale, normally far finer than the output's step. When the node's
+    output hardly depends on its input (a kernel that only ever reads padding, weights that cancel), the
+    output is mostly bias while the input's range still sets that step: the bias then rounds away (a whole
+    output lost, 0 dB), and only a float node keeps it.
+    """
+    x, w = params.get(tp.bias_input or ""), params.get(tp.bias_weight or "")
+    bias = index.constant_value(name)
+    node = next((n for n in index.consumers.get(name, []) if n.name == tp.node), None)
+    if x is None or w is None or x.per_channel or bias is None or not bias.size or node is None:
+        return None
+    output = node.output[0]
+    if output not in params and output in plan.folded:  # the fused activation's output carries the Q
+        fused = next((n for n in index.consumers.get(output, []) if n.name == plan.folded[output]), None)
+        output = fused.output[0] if fused is not None else output
+    y = params.get(output)
+    if y is None or y.per_channel:
+        return None
+    step = (x.scale.astype(np.float64) * w.scale.astype(np.float64)).reshape(-1)
+    values = bias.astype(np.float64).reshape(-1)
+    step = np.broadcast_to(step, values.shape) if step.size in (1, values.size) else None
+    if step is None:
+        return None
+    error = float(np.max(np.abs(values - np.rint(values / step) * step)))
+    if error <= float(y.scale):
+        return None
+    return (
+        f"rounding it to its int32 step (input scale x weight scale, up to {float(step.max()):.3g}) moves the "
+        f"output {output!r} by {error:.3g}, more than one of that output's steps ({float(y.scale):.3g})"
+    )
+
+
+def _fit_bias_in_int32(name: str, tp, index: GraphIndex, params: dict[str, QuantParams]) -> None:  # noqa: ANN001
+    """Choose the weight's scale so that the int32 bias (scale = input scale x weight scale) is exact and fits.
+
+    - Where the weight is all zero (a pruned channel, or a whole zero weight), any scale quantizes it exactly,
+      but the scale of 1 it got from its empty range would make the bias's scale the input's: a bias far
+      below one input step is lost. Such channels get a scale that keeps the bias to about 24 bits.
+    - Where bias / (input scale x weight scale) would not fit, the weight's scale is widened. Clipping the
+      bias instead would shift every output of that channel (a 16-bit weight with a large bias lost 45 dB
+      that way); a coarser weight scale costs far less. The bias must leave room for the accumulation
+      ``bias + sum(x_q * w_q)`` in the kernel's int32 accumulator: a bias at the very top of int32 wraps
+      around as soon as the products are added (a Gemm's output changed sign that way).
+    """
+    x, w = params.get(tp.bias_input or ""), params.get(tp.bias_weight or "")
+    bias = index.constant_value(name)
+    weight = index.constant_value(tp.bias_weight or "")
+    if x is None or w is None or x.per_channel or bias is None or not bias.size or weight is None:
+        return
+    current = w.scale.astype(np.float64).reshape(-1)
+    if w.per_channel and bias.size != current.size:
+        return
+    abs_bias = np.abs(bias.astype(np.float64)).reshape(-1)
+    # Worst-case accumulation per output: K products of a full-range input step and a full-range weight.
+    k = max(weight.size // bias.size, 1)
+    x_info, w_info = np.iinfo(x.qtype.numpy_dtype), np.iinfo(w.qtype.numpy_dtype)
+    headroom = k * float(x_info.max - x_info.min) * float(max(-int(w_info.min), int(w_info.max)))
+    limit = max(_INT32_MAX - headroom, 2.0**30)  # beyond that the accumulator itself may overflow, bias or not
+    if w.per_channel:
+        axis = w.axis % weight.ndim
+        zero = ~np.any(weight != 0, axis=tuple(a for a in range(weight.ndim) if a != axis)).reshape(-1)
+        bias_mag = abs_bias
+    else:
+        zero = np.array([not np.any(weight != 0)])
+        bias_mag = np.array([abs_bias.max()])
+    scale = current.copy()
+    fine = bias_mag / (float(x.scale) * 2.0**24)
+    shrink = zero & (bias_mag > 0) & (fine < current)
+    scale[shrink] = np.maximum(fine[shrink], np.finfo(np.float32).tiny)
+    needed = (abs_bias if w.per_channel else np.array([abs_bias.max()])) / (float(x.scale) * limit)
+    factor = np.maximum(needed / scale, 1.0)
+    if np.all(factor <= 1.0) and not np.any(shrink):
+        return
+    if np.any(factor > 1.0):
+        log.warning(
+            "bias %r would overflow int32 at weight %r's scale; widening that scale by up to %.3gx",
+            name, tp.bias_weight, float(np.max(factor)),
+        )
+    scale = np.where(factor > 1.0, scale * factor * (1 + 1e-6), scale).reshape(w.scale.shape)
+    if is_power_of_two(w.scale):  # a shift-only target: stay on powers of two
+        scale = np.exp2(np.ceil(np.log2(scale)))
+    scale = scale.astype(np.float32)
+    if w.qtype.signed and np.all(w.zero_point == 0):
+        zero_point = w.zero_point
+    else:  # keep real zero where it was: the zero point moves towards the middle as the scale grows
+        old_zero = (w.zero_point.astype(np.float64) * current.reshape(w.scale.shape))
+        qmin, qmax = np.iinfo(w.qtype.numpy_dtype).min, np.iinfo(w.qtype.numpy_dtype).max
+        zero_point = np.clip(np.round(old_zero / scale), qmin, qmax)
+    source = "widened for bias" if np.any(factor > 1.0) else "narrowed for the bias of a zero weight"
+    params[tp.bias_weight] = QuantParams(scale, zero_point, w.qtype, w.axis, source=source)
+
+
+def _resolve(plan: QuantPlan, name: str) -> str:
+    seen = set()
+    while isinstance(plan.tensors[name].role, SameAs) and name not in seen:
+        seen.add(name)
+        name = plan.tensors[name].source or name
+        if name not in plan.tensors:
+            break
+    return name
+
+
+def _range_problem(lo: float, hi: float, limit: float) -> str | None:
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        return f"its calibrated range [{lo}, {hi}] is not finite (NaN or Inf reached it)"
+    if max(abs(lo), abs(hi)) > limit:
+        return (
+            f"its calibrated range [{lo:.4g}, {hi:.4g}] exceeds ±{limit:g}; an extreme fill value (such as an "
+            "attention mask) would leave every other value at the zero point, so the nodes using it stay float"
+        )
+    return None
+
+
+def _check_finite(values: np.ndarray | None, name: str, node: str) -> None:
+    if values is None:
+        raise ModelError(f"constant {name!r} of node {node!r} has no readable value")
+    if values.dtype.kind == "f" and values.size and not np.all(np.isfinite(values)):
+        raise ModelError(f"constant {name!r} of node {node!r} contains NaN or Inf")
+
+
+def weight_params(values: np.ndarray, spec: QuantSpec, name: str) -> QuantParams:
+    if spec.axis is not None and values.ndim > 0:
+        axis = spec.axis % values.ndim
+        reduce_axes = tuple(a for a in range(values.ndim) if a != axis)
+        if values.size:
+            lo, hi = values.min(axis=reduce_axes), values.max(axis=reduce_axes)
+        else:
+            lo = hi = np.zeros(values.shape[axis])
+        return params_from_range(lo, hi, spec.with_axis(axis))
+    lo, hi = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    return params_from_range(lo, hi, spec.with_axis(None))
+
+
+def bias_params(
+    plan: QuantPlan, params: dict[str, QuantParams], index: GraphIndex
+) -> dict[str, tuple[np.ndarray, int | None]]:
+    """int32 bias scales (input scale x weight scale, per output channel) for biases whose factors exist."""
+    scales: dict[str, tuple[np.ndarray, int | None]] = {}
+    for name, tp in plan.tensors.items():
+        if not isinstance(tp.role, Bias):
+            continue
+        x, w = params.get(tp.bias_input or ""), params.get(tp.bias_weight or "")
+        if x is None or w is None or x.per_channel:
+            continue
+        scale = (x.scale.astype(np.float64) * w.scale.astype(np.float64)).astype(np.float32)
+        if index.float_dtype(name) == np.float16:
+            scale = np.maximum(scale, np.float32(2.0**-24)).astype(np.float16).astype(np.float32)
+        scales[name] = (scale, 0 if w.per_channel else None)
+    return scales
+
