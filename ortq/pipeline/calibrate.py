@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from ortq.core.calibrator import Calibrator, Statistic
     from ortq.core.graph import GraphIndex
 
-__all__ = ["CalibrationResult", "run_calibration", "build_observed_model"]
+__all__ = ["CalibrationResult", "ObservedSession", "run_calibration", "build_observed_model"]
 
 log = logging.getLogger(__name__)
 
@@ -129,53 +129,90 @@ def run_calibration(
     the weights are never copied; do not share ``model`` with another thread during the call. A model over
     the protobuf limit reaches ONNX Runtime through a temporary file with external data.
     """
-    import onnxruntime as ort
+    session = ObservedSession(model, index, tensors, calibrator, providers=providers, session_options=session_options)
+    return session.observe(batches, progress=progress, keep_samples=keep_samples)
 
-    from ortq.custom_ops.observers import ObserverSink, library_path
 
-    statistics = {name: calibrator.create_statistic(name) for name in tensors}
-    sink = ObserverSink(list(tensors), [statistics[name].update for name in tensors])
-    so = session_options if session_options is not None else ort.SessionOptions()
-    so.register_custom_ops_library(library_path())
-    so.execution_order = ort.ExecutionOrder.PRIORITY_BASED
-    if session_options is None:
-        # ENABLE_ALL would add a layout copy per observed tensor; extended keeps the fusions that matter.
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-    with contextlib.ExitStack() as cleanup:
-        # Bytes, or above the protobuf limit a temporary file with external data (removed once the session
-        # has read it); either way written while the observers are in place.
-        with _observers_inserted(model, index, tensors, sink.token) as observed:
-            source = cleanup.enter_context(session_source(observed))
-        try:
-            session = ort.InferenceSession(source, so, providers=list(providers or ["CPUExecutionProvider"]))
-        except Exception as exc:
-            raise CalibrationError(f"ONNX Runtime cannot load the model for calibration: {exc}") from None
-        del source
-    fetch = [o.name for o in model.graph.output]  # ONNX Runtime runs every node, sinks included
-    result = CalibrationResult(statistics, 0, 0)
-    with sink:
-        for feed in batches:
+class ObservedSession:
+    """The observed model loaded once in ONNX Runtime, able to calibrate any number of data sources.
+
+    Each :meth:`observe` call starts from fresh statistics, so one session serves many shards (a worker
+    of a distributed calibration builds it once and returns one mergeable result per shard).
+    """
+
+    def __init__(
+        self,
+        model: onnx.ModelProto,
+        index: GraphIndex,
+        tensors: Sequence[str],
+        calibrator: Calibrator,
+        *,
+        providers: Sequence[Any] | None = None,
+        session_options: "ort.SessionOptions | None" = None,
+    ) -> None:
+        import onnxruntime as ort
+
+        from ortq.custom_ops.observers import ObserverSink, library_path
+
+        self.tensors = list(tensors)
+        self._calibrator = calibrator
+        self._statistics: dict[str, Statistic] = {}
+        self._sink = ObserverSink(self.tensors, [self._updater(name) for name in self.tensors])
+        so = session_options if session_options is not None else ort.SessionOptions()
+        so.register_custom_ops_library(library_path())
+        so.execution_order = ort.ExecutionOrder.PRIORITY_BASED
+        if session_options is None:
+            # ENABLE_ALL would add a layout copy per observed tensor; extended keeps the fusions that matter.
+            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        with contextlib.ExitStack() as cleanup:
+            # Bytes, or above the protobuf limit a temporary file with external data (removed once the session
+            # has read it); either way written while the observers are in place.
+            with _observers_inserted(model, index, self.tensors, self._sink.token) as observed:
+                source = cleanup.enter_context(session_source(observed))
             try:
-                outputs = session.run(fetch, feed)
-            except OrtqError:
-                raise
+                self._session = ort.InferenceSession(source, so, providers=list(providers or ["CPUExecutionProvider"]))
             except Exception as exc:
-                raise CalibrationError(f"calibration batch {result.batches}: ONNX Runtime failed: {exc}") from None
-            if sink.error is not None:
-                tensor, exc = sink.error
-                raise CalibrationError(
-                    f"observer for tensor {tensor!r} failed on calibration batch {result.batches}: {exc!r}"
-                ) from exc
-            if result.samples < keep_samples:
-                result.kept_feeds.append(feed)
-                result.kept_outputs.append(dict(zip(fetch, outputs)))
-            result.batches += 1
-            result.samples += _batch_size(feed)
-            if progress is not None:
-                progress(_batch_size(feed))
-    if result.batches == 0:
-        raise CalibrationError("the calibration data produced no batches")
-    return result
+                raise CalibrationError(f"ONNX Runtime cannot load the model for calibration: {exc}") from None
+            del source
+        self._fetch = [o.name for o in model.graph.output]  # ONNX Runtime runs every node, sinks included
+
+    def _updater(self, name: str) -> Callable[[np.ndarray], None]:
+        return lambda values: self._statistics[name].update(values)
+
+    def observe(
+        self,
+        batches: Iterable[dict[str, np.ndarray]],
+        *,
+        progress: Progress | None = None,
+        keep_samples: int = 0,
+    ) -> CalibrationResult:
+        """Statistics of ``batches`` alone (fresh for every call); raises if they hold no batch."""
+        self._statistics = {name: self._calibrator.create_statistic(name) for name in self.tensors}
+        self._sink.error = None
+        result = CalibrationResult(self._statistics, 0, 0)
+        with self._sink:
+            for feed in batches:
+                try:
+                    outputs = self._session.run(self._fetch, feed)
+                except OrtqError:
+                    raise
+                except Exception as exc:
+                    raise CalibrationError(f"calibration batch {result.batches}: ONNX Runtime failed: {exc}") from None
+                if self._sink.error is not None:
+                    tensor, exc = self._sink.error
+                    raise CalibrationError(
+                        f"observer for tensor {tensor!r} failed on calibration batch {result.batches}: {exc!r}"
+                    ) from exc
+                if result.samples < keep_samples:
+                    result.kept_feeds.append(feed)
+                    result.kept_outputs.append(dict(zip(self._fetch, outputs)))
+                result.batches += 1
+                result.samples += _batch_size(feed)
+                if progress is not None:
+                    progress(_batch_size(feed))
+        if result.batches == 0:
+            raise CalibrationError("the calibration data produced no batches")
+        return result
 
 
 def _batch_size(feed: dict[str, np.ndarray]) -> int:
