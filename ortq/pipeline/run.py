@@ -11,14 +11,14 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import onnx
 
 from ortq.pipeline.calibrate import run_calibration
 from ortq.core.config import QuantConfig, parse_quant_format
-from ortq.io.data import iter_batches, model_inputs
+from ortq.io.data import feed_samples, iter_batches, model_inputs
 from ortq.core.errors import CalibrationError, ConfigError, ModelError, OrtqError, PluginError
 from ortq.core.graph import GraphIndex, uses_float16
 from ortq.core.op_quantizer import Activation, SameAs
@@ -42,7 +42,10 @@ if TYPE_CHECKING:
     from ortq.core.backend import Backend
     from ortq.host.plugin_host import PluginHost
 
-__all__ = ["QuantizationResult", "quantize", "quantize_dynamic", "calibrate", "plan_only", "resolve_config"]
+__all__ = [
+    "QuantizationResult", "quantize", "quantize_dynamic", "calibrate", "calibration_job", "CalibrationJob", "plan_only",
+    "resolve_config",
+]
 
 log = logging.getLogger(__name__)
 
@@ -178,6 +181,42 @@ def plan_only(toolkit: PluginHost, model: Any, *, target: str = "cpu", **overrid
     return make_plan(toolkit, GraphIndex(p.model), p.config, p.backend), p.config, p.model
 
 
+@dataclass
+class CalibrationJob:
+    """What calibrating a model for a target and options observes, resolved once by the caller.
+
+    Everything a calibration worker needs, and nothing it must not redo: the prepared model (plain
+    protobuf, so it can be serialized once and shipped to workers), the tensors to observe and the
+    calibrator that reduces them. Its statistics, merged, are exactly those of one :func:`calibrate` run.
+    """
+
+    model: onnx.ModelProto
+    tensors: list[str]
+    calibrator: str
+    calibrator_options: dict[str, Any]
+    fingerprint: str
+    graph_name: str
+
+    def state(self, result: Any) -> CalibrationState:
+        """A :class:`CalibrationState` holding one calibration result of this job."""
+        return CalibrationState(
+            self.fingerprint, self.calibrator, result.statistics, result.samples, result.batches, self.graph_name
+        )
+
+
+def calibration_job(
+    toolkit: PluginHost, model: str | Path | onnx.ModelProto, *, target: str = "cpu", **overrides: Any
+) -> CalibrationJob:
+    """Prepare and plan ``model`` as :func:`calibrate` does, without reading any data."""
+    p = _prepare(toolkit, model, target, overrides, fingerprint=True, refuse_qdq=True)
+    toolkit.calibrator(p.config.calibrator, **p.config.calibrator_options)  # unknown names fail here, not on a worker
+    plan = make_plan(toolkit, GraphIndex(p.model), p.config, p.backend)
+    return CalibrationJob(
+        p.model, plan.observed_tensors(), p.config.calibrator, dict(p.config.calibrator_options),
+        p.fingerprint, p.model.graph.name,
+    )
+
+
 def calibrate(
     toolkit: PluginHost,
     model: str | Path | onnx.ModelProto,
@@ -197,18 +236,13 @@ def calibrate(
     The state can be saved, merged with other shards, and passed to :func:`quantize` as
     ``calibration_state`` to quantize without running the model again.
     """
-    p = _prepare(toolkit, model, target, overrides, fingerprint=True, refuse_qdq=True)
-    calibrator = toolkit.calibrator(p.config.calibrator, **p.config.calibrator_options)
-    index = GraphIndex(p.model)
-    plan = make_plan(toolkit, index, p.config, p.backend)
+    job = calibration_job(toolkit, model, target=target, **overrides)
     result = run_calibration(
-        p.model, index, plan.observed_tensors(), calibrator,
-        iter_batches(calibration_data, model_inputs(p.model), batch_size, max_samples, image_options),
+        job.model, GraphIndex(job.model), job.tensors, toolkit.calibrator(job.calibrator, **job.calibrator_options),
+        iter_batches(calibration_data, model_inputs(job.model), batch_size, max_samples, image_options),
         providers=providers, session_options=session_options, progress=progress,
     )
-    return CalibrationState(
-        p.fingerprint, p.config.calibrator, result.statistics, result.samples, result.batches, p.model.graph.name
-    )
+    return job.state(result)
 
 
 def _state_statistics(
@@ -246,6 +280,7 @@ def quantize(
     progress: Callable[[int], None] | None = None,
     verify: bool = True,
     verify_samples: int = 64,
+    verification_data: Any = None,
     tensor_overrides: Mapping[str, Any] | str | Path | None = None,
     **overrides: Any,
 ) -> QuantizationResult:
@@ -261,6 +296,9 @@ def quantize(
     ``per_channel``, ``reduce_range``, ``quantize_bias``, ``op_types_to_quantize``, ``nodes_to_quantize``,
     ``nodes_to_exclude``, ``calibrate_method``, ``calibrator_options``, ``extreme_range``, ...) default to
     what the target backend prefers. The input model is never modified; the output is written atomically.
+
+    Verification compares with the float model on the first ``verify_samples`` calibration samples; when
+    the ranges come from a state, give ``verification_data`` (any calibration data source) to verify too.
 
     ``tensor_overrides`` (a dict in ONNX Runtime's ``TensorQuantOverrides`` format, or a JSON file) gives
     per-tensor types, ranges, or exact scales and zero points; see :mod:`ortq.tensor_overrides`. A model
@@ -297,6 +335,10 @@ def quantize(
     if state is not None:
         state = _state_statistics(toolkit, state, p, observed)
         statistics, n_batches, n_samples = state.statistics, state.batches, state.samples
+        if verify and verification_data is not None:
+            kept_feeds, kept_outputs = run_outputs(make_session(proto, providers), _first_samples(
+                iter_batches(verification_data, model_inputs(proto), batch_size, None, image_options), verify_samples
+            ))
     elif calibration_data is None and given:  # every observed tensor must then have given parameters
         given.require_data(observed)
         statistics, n_batches, n_samples = {}, 0, 0
@@ -356,6 +398,16 @@ def quantize(
         with staged_save(proto, out, external_data=p.external_data or None, protect=p.external_files):
             result.artifacts = _export_staged(backend, result, out.parent)
     return result
+
+
+def _first_samples(batches: Iterable[dict[str, np.ndarray]], samples: int) -> Iterator[dict[str, np.ndarray]]:
+    """The batches that hold the first ``samples`` samples (as calibration keeps them for verification)."""
+    seen = 0
+    for feed in batches:
+        if seen >= samples:
+            return
+        yield feed
+        seen += feed_samples(feed)
 
 
 def _export_staged(backend: Backend, result: QuantizationResult, out_dir: Path) -> list[Path]:
