@@ -390,3 +390,53 @@ def test_conv_transpose_is_float_unless_weights_are_per_tensor(tmp_path: Path) -
     producer = {o: n for n in result.model.graph.node for o in n.output}
     deconv = next(n for n in result.model.graph.node if n.op_type == "ConvTranspose")
     assert inits[producer[deconv.input[1]].input[1]].ndim == 0  # one scale for the whole kernel
+
+
+# -- tables for every tensor (implicit INT8) ------------------------------------------------------------------
+def matmul_add_model() -> onnx.ModelProto:
+    """x [N, 4] -> MatMul(W) -> m -> Add(b) -> Y: the tensorrt plan quantizes only MatMul's inputs (x), so m and
+    Y are ranges TensorRT's implicit INT8 needs that explicit QDQ does not."""
+    w = np.array([[-20.0, 2.0], [-20.0, 2.0], [-20.0, 2.0], [0.0, 0.0]], dtype=np.float32)
+    b = np.array([0.0, 4.0], dtype=np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["m"], name="mm"), helper.make_node("Add", ["m", "b"], ["Y"], name="add")],
+        "matmul_add",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["N", 2])],
+        [numpy_helper.from_array(w, "W"), numpy_helper.from_array(b, "b")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 7
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def test_tables_hold_every_float_tensor(tmp_path: Path) -> None:
+    model = matmul_add_model()
+    x = np.random.default_rng(5).uniform(0.0, 1.0, (16, 4)).astype(np.float32)
+    x[0, :3] = 1.0  # Y[:, 0] reaches -60, Y[:, 1] reaches 10
+    m = x @ numpy_helper.to_array(model.graph.initializer[0])
+    y = m + numpy_helper.to_array(model.graph.initializer[1])
+    expected = {"x": float(np.abs(x).max()), "m": float(np.abs(m).max()), "Y": float(np.abs(y).max())}
+    assert expected["Y"] == pytest.approx(60.0) and float(y.max()) == pytest.approx(10.0)
+
+    result = ortq.Toolkit(autoload=False).quantize(model, tmp_path / "m.onnx", calibration_data={"x": x}, target="tensorrt")
+    entries = {
+        "flatbuffers": {k: float(v) for k, v in read_trt_table((tmp_path / "calibration.flatbuffers").read_bytes()).items()},
+        "json": {k: v["highest"]["data"][0] for k, v in json.loads((tmp_path / "calibration.json").read_text())["data"].items()},
+        "text": read_text_cache((tmp_path / "calibration.cache").read_text()),
+        "native": {k: v * 127 for k, v in read_native_cache((tmp_path / "m.trt.cache").read_text())[1].items()},
+    }
+    for kind, table in entries.items():
+        assert set(table) == set(expected), kind
+        for tensor, value in expected.items():
+            assert table[tensor] == pytest.approx(value, rel=1e-6), (kind, tensor)
+    assert entries["text"]["Y"] == pytest.approx(60.0, rel=1e-6)
+
+    # The explicit-QDQ model is the one written without tables: the extra observations change nothing in it.
+    (tmp_path / "plain").mkdir()
+    plain = ortq.Toolkit(autoload=False).quantize(
+        model, tmp_path / "plain" / "m.onnx", calibration_data={"x": x}, target="tensorrt", backend_options={"tables": False},
+    )
+    assert plain.model.SerializeToString() == result.model.SerializeToString()
+    assert set(plain.ranges) == {"x"} and plain.artifacts == []

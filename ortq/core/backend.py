@@ -47,5 +47,12 @@ class Backend:
     def leave_float(self, node: onnx.NodeProto, ctx: PlanContext) -> str | None:
         return None
 
+    def extra_observed_tensors(self, model: onnx.ModelProto) -> list[str]:
+        """Tensors of the prepared float ``model`` whose calibrated range the target needs although the plan
+        does not quantize them (TensorRT's implicit-INT8 tables want one for every float tensor). The
+        pipeline observes them alongside the plan's activations and puts their ranges in
+        ``QuantizationResult.ranges``; nothing else uses them. Default: none."""
+        return []
+
     def export(self, result: QuantizationResult, out_dir: Path) -> list[Path]:
         return []

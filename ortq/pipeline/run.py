@@ -44,7 +44,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "QuantizationResult", "quantize", "quantize_dynamic", "calibrate", "calibration_job", "CalibrationJob", "plan_only",
-    "resolve_config",
+    "resolve_config", "SCHEME_OPTIONS",
 ]
 
 log = logging.getLogger(__name__)
@@ -110,9 +110,9 @@ def _prepare(
     toolkit: PluginHost, model: Any, target: str, overrides: dict[str, Any], *, fingerprint: bool = False,
     min_opset: int = 0, refuse_qdq: bool = False,
 ) -> _Prepared:
-    unknown = set(overrides) - _OVERRIDES
+    unknown = set(overrides) - SCHEME_OPTIONS
     if unknown:
-        raise ConfigError(f"unknown option(s) {sorted(unknown)}; supported: {sorted(_OVERRIDES)}")
+        raise ConfigError(f"unknown option(s) {sorted(unknown)}; supported: {sorted(SCHEME_OPTIONS)}")
     backend = toolkit.backend(target, **(overrides.pop("backend_options", None) or {}))
     config = resolve_config(backend, **overrides)
     loaded = read_model(model)
@@ -210,9 +210,12 @@ def calibration_job(
     """Prepare and plan ``model`` as :func:`calibrate` does, without reading any data."""
     p = _prepare(toolkit, model, target, overrides, fingerprint=True, refuse_qdq=True)
     toolkit.calibrator(p.config.calibrator, **p.config.calibrator_options)  # unknown names fail here, not on a worker
-    plan = make_plan(toolkit, GraphIndex(p.model), p.config, p.backend)
+    index = GraphIndex(p.model)
+    plan = make_plan(toolkit, index, p.config, p.backend)
+    observed = plan.observed_tensors()
     return CalibrationJob(
-        p.model, plan.observed_tensors(), p.config.calibrator, dict(p.config.calibrator_options),
+        p.model, observed + _extra_observed(p.backend, p.model, index, observed), p.config.calibrator,
+        dict(p.config.calibrator_options),
         p.fingerprint, p.model.graph.name,
     )
 
@@ -327,6 +330,7 @@ def quantize(
     plan = make_plan(toolkit, index, config, backend)
     given.apply(plan, index, config, backend, label)
     observed = given.observed(plan)
+    extra = _extra_observed(backend, proto, index, observed)
     timings["plan"] = time.perf_counter() - t0
 
     t1 = time.perf_counter()
@@ -345,12 +349,13 @@ def quantize(
     else:
         batches = iter_batches(calibration_data, model_inputs(proto), batch_size, max_samples, image_options)
         calibration = run_calibration(
-            proto, index, observed, calibrator, batches, providers=providers,
+            proto, index, observed + extra, calibrator, batches, providers=providers,
             session_options=session_options, progress=progress, keep_samples=verify_samples if verify else 0,
         )
         statistics, n_batches, n_samples = calibration.statistics, calibration.batches, calibration.samples
         kept_feeds, kept_outputs = calibration.kept_feeds, calibration.kept_outputs
     ranges = _ranges(calibrator, statistics, plan, observed)
+    extra_ranges = _extra_ranges(calibrator, statistics, extra, config, label)
     given.adjust_ranges(ranges)
     timings["calibrate"] = time.perf_counter() - t1
 
@@ -388,7 +393,8 @@ def quantize(
         )
     timings["verify"] = time.perf_counter() - t3
     result = QuantizationResult(
-        model=proto, output=out, target=backend.name, config=config, plan=plan, ranges=ranges, params=params,
+        model=proto, output=out, target=backend.name, config=config, plan=plan,
+        ranges={**extra_ranges, **ranges}, params=params,  # the backend's extra tensors too (TensorRT tables)
         vetoes=vetoes, calibration_batches=n_batches, calibration_samples=n_samples,
         verification=report, float_bytes=p.float_bytes, quantized_bytes=model_size(proto), seconds=timings,
     )
@@ -519,7 +525,8 @@ def quantize_dynamic(
     return result
 
 
-_OVERRIDES = {
+#: The options that choose the scheme and what is observed (everything ``_prepare`` resolves into a config).
+SCHEME_OPTIONS = {
     "activation_type", "weight_type", "activation_symmetric", "weight_symmetric", "per_channel", "reduce_range",
     "quantize_bias", "matmul_const_b_only", "op_types_to_quantize", "nodes_to_quantize", "nodes_to_exclude",
     "op_types_no_output_quantization", "calibrate_method", "calibrator_options", "extreme_range", "backend_options",
@@ -549,6 +556,38 @@ def _add_implied_ranges(plan: QuantPlan, ranges: dict[str, tuple[float, float]])
             ranges[name] = tp.role.fixed_range
         elif isinstance(tp.role, SameAs) and tp.source in ranges:
             ranges[name] = ranges[tp.source]
+
+
+def _extra_observed(backend: Backend, model: onnx.ModelProto, index: GraphIndex, observed: list[str]) -> list[str]:
+    """The backend's extra tensors (:meth:`Backend.extra_observed_tensors`) that the plan does not observe
+    already and that calibration can observe (non-constant float tensors of the graph)."""
+    wanted = backend.extra_observed_tensors(model)
+    if not wanted:
+        return []
+    seen = set(observed)
+    extra = []
+    for name in wanted:
+        if name in seen or not name or index.is_constant(name) or not index.is_float(name):
+            continue
+        seen.add(name)
+        extra.append(name)
+    return extra
+
+
+def _extra_ranges(
+    calibrator, statistics, extra: list[str], config: QuantConfig, label: str  # noqa: ANN001
+) -> dict[str, tuple[float, float]]:
+    """Ranges of the backend's extra tensors, computed like an activation's. A calibration state made
+    without them lacks them: the backend then gets ranges for the plan's tensors only (with a warning)."""
+    missing = [t for t in extra if t not in statistics]
+    if missing:
+        log.warning("%s: no statistics for %d tensor(s) the target asked to observe, e.g. %r", label, len(missing), missing[0])
+    ranges = {}
+    for name in extra:
+        if name in statistics:
+            lo, hi = calibrator.compute_range(name, statistics[name], config.activation)
+            ranges[name] = (float(lo), float(hi))
+    return ranges
 
 
 def _ranges(calibrator, statistics, plan: QuantPlan, observed: list[str]) -> dict[str, tuple[float, float]]:  # noqa: ANN001

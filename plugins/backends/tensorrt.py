@@ -24,8 +24,11 @@ quantizer (ModelOpt) does by default; ``matmul_const_b_only=True`` keeps them fl
 defaults; explicit options override them.
 
 **The calibration tables** (implicit quantization of the *float* model, ``tables=true``): per tensor
-the dynamic range amax = max(|lo|, |hi|) of the calibrated range, for every activation ortq calibrated
-(graph inputs included, vetoed tensors left out). Four files, written atomically:
+the dynamic range amax = max(|lo|, |hi|) of the calibrated range, for every float tensor of the model that a
+node reads or writes (graph inputs and outputs included; constants and vetoed tensors left out), as ONNX
+Runtime's TensorRT calibration gives it. The QDQ plan quantizes only some of them, so the backend asks the
+pipeline to observe the rest too (:meth:`TensorRTBackend.extra_observed_tensors`); the QDQ model is the same
+with or without them. Four files, written atomically:
 
 - ``calibration.flatbuffers``: ONNX Runtime's ``CalTableFlatBuffers.TrtTable`` (schema in
   ``onnxruntime/core/providers/tensorrt/ort_trt_int8_cal_table.fbs.h``): table ``TrtTable { dict:
@@ -57,9 +60,8 @@ the cache: EntropyCalibration2, the default and what trtexec uses, MinMaxCalibra
 or LegacyCalibration; TensorRT ignores a cache whose header names another version or calibrator), and
 ``tables`` (default true; false writes the QDQ model only).
 
-Limits: the tables cover the tensors ortq calibrated (those the QDQ plan quantizes), not every tensor
-of the float model as ONNX Runtime's TensorRT calibration does; TensorRT runs layers touching a tensor
-without a range in float. The three ``calibration.*`` names are fixed by ONNX Runtime's convention, so
+Limits: a tensor whose calibrated range is not finite, or that the QDQ plan vetoed, has no entry, and
+TensorRT runs the layers touching it in float. The three ``calibration.*`` names are fixed by ONNX Runtime's convention, so
 two models exported to one folder overwrite each other's tables. Tensor names containing a line break
 cannot be written to the text caches and are left out of them (with a warning).
 """
@@ -181,6 +183,19 @@ class TensorRTBackend(Backend):
                 "output channel (axis 1); quantize with --per-tensor to run it in int8"
             )
         return None
+
+    def extra_observed_tensors(self, model: onnx.ModelProto) -> list[str]:
+        """Every tensor a node reads or writes (graph inputs and outputs included), in graph order: TensorRT's
+        implicit INT8 mode needs a dynamic range for each tensor it runs in INT8, and ONNX Runtime's TensorRT
+        calibration observes all of them. The pipeline keeps the float, non-constant ones."""
+        if not self.tables:
+            return []
+        names: list[str] = [vi.name for vi in model.graph.input]
+        for node in model.graph.node:
+            names.extend(node.input)
+            names.extend(node.output)
+        names.extend(vi.name for vi in model.graph.output)
+        return list(dict.fromkeys(n for n in names if n))
 
     def export(self, result: QuantizationResult, out_dir: Path) -> list[Path]:
         check_explicit_quantization(result.model, str(result.output) if result.output is not None else "model")
