@@ -1,0 +1,1 @@
+"""ESP-DL v3 ``.espdl`` model files: reader, bit-exact integer reference, writer."""
