@@ -69,16 +69,16 @@ def test_extra_options_are_mapped_or_refused(tmp_path: Path) -> None:
     assert result.config.activation.symmetric
     lo, hi = result.ranges["x"]
     assert lo == -hi
-    with pytest.raises(ortq.ConfigError, match="extra_options key 'SmoothQuant' is not supported"):
+    with pytest.raises(ortq.ConfigError, match=r"extra_options\['SmoothQuant'\]=True is not supported: SmoothQuant is not implemented"):
         ortq.quantize_static(tiny_cnn(), tmp_path / "q.onnx", Reader(tiny_data()), extra_options={"SmoothQuant": True})
     with pytest.raises(ortq.ConfigError, match="DedicatedQDQPair"):
         ortq.quantize_static(tiny_cnn(), tmp_path / "q.onnx", Reader(tiny_data()), extra_options={"DedicatedQDQPair": True})
 
 
 def test_unsupported_formats_are_refused_clearly(tmp_path: Path) -> None:
-    with pytest.raises(ortq.ConfigError, match="quant_format 'QLinear' is not QuantFormat.QDQ or QuantFormat.QOperator"):
+    with pytest.raises(ortq.ConfigError, match="quant_format='QLinear' is not QuantFormat.QDQ or QuantFormat.QOperator"):
         ortq.quantize_static(tiny_cnn(), tmp_path / "q.onnx", Reader(tiny_data()), quant_format="QLinear")
-    with pytest.raises(ortq.ConfigError, match="no calibrator named 'distribution'"):
+    with pytest.raises(ortq.ConfigError, match="Distribution .* is not implemented"):
         ortq.quantize_static(
             tiny_cnn(), tmp_path / "q.onnx", Reader(tiny_data()), calibrate_method=ortq.CalibrationMethod.Distribution
         )

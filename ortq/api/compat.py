@@ -1,27 +1,38 @@
-"""Drop-in replacements for ``onnxruntime.quantization``'s static entry points.
+"""Drop-in replacements for ``onnxruntime.quantization``'s static and dynamic entry points.
 
-Moving from ONNX Runtime is a one-line import change: ``from ortq import quantize_static, QuantType,
-QuantFormat, CalibrationMethod, CalibrationDataReader``. ONNX Runtime's own enum members are accepted too
-(matched by name, so ``onnxruntime.quantization`` is never imported). Defaults follow ONNX Runtime's, not
-ortq's, so the same call gives the same kind of model.
+Moving from ONNX Runtime is a one-line import change: ``from ortq.compat import quantize_static, QuantType,
+QuantFormat, CalibrationMethod, CalibrationDataReader`` (the common names are in ``ortq`` too). ONNX
+Runtime's own enum members and ``onnx.TensorProto`` element types are accepted as well (read by name or
+``tensor_type``, so ``onnxruntime.quantization`` is never imported). Defaults and option semantics follow ONNX
+Runtime's, not ortq's, so the same call gives the same kind of model; where ortq differs, the tables below
+say how and why, and ``docs/compatibility.md`` is generated from them (``python -m ortq.api.compat_table``).
+
+Errors are ONNX Runtime's built-in exception types too (:mod:`ortq.core.errors`): ``except ValueError``
+written for ONNX Runtime keeps working.
 """
 
 from __future__ import annotations
 
 import abc
 import enum
+import logging
 import os
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Sequence
 
 import onnx
+from onnx import TensorProto
 
-from ortq.core.errors import ConfigError
+from ortq.core.errors import CalibrationDataError, ConfigError
 from ortq.core.scheme import QuantType
 
 __all__ = [
-    "QuantFormat", "CalibrationMethod", "CalibrationDataReader", "quantize_static", "quantize_dynamic",
-    "SUPPORTED_EXTRA_OPTIONS", "SUPPORTED_DYNAMIC_EXTRA_OPTIONS",
+    "QuantFormat", "CalibrationMethod", "CalibrationDataReader", "QuantType", "quantize_static", "quantize_dynamic",
+    "Support", "STATIC_ARGUMENTS", "DYNAMIC_ARGUMENTS", "EXTRA_OPTIONS", "DYNAMIC_EXTRA_OPTIONS", "parse_qtype",
 ]
+
+log = logging.getLogger(__name__)
 
 
 class QuantFormat(enum.Enum):
@@ -37,7 +48,12 @@ class CalibrationMethod(enum.Enum):
 
 
 class CalibrationDataReader(abc.ABC):
-    """Same protocol as ONNX Runtime's: ``get_next()`` returns one feed dict, then None when exhausted."""
+    """Same protocol as ONNX Runtime's: ``get_next()`` returns one feed dict, then None when exhausted.
+
+    ``set_range(start_index, end_index)`` and ``__len__`` exist as in ONNX Runtime so subclasses written for
+    its strided calibration (``CalibStridedMinMax``) keep working; ortq reads the whole reader in one
+    streaming pass, so it never calls ``set_range`` itself.
+    """
 
     @abc.abstractmethod
     def get_next(self) -> dict | None: ...
@@ -51,38 +67,252 @@ class CalibrationDataReader(abc.ABC):
             raise StopIteration
         return feed
 
+    def __len__(self) -> int:
+        raise NotImplementedError(f"{type(self).__name__} does not define __len__")
 
-_CALIBRATORS = {"MinMax": "minmax", "Entropy": "entropy", "Percentile": "percentile", "Distribution": "distribution"}
+    def set_range(self, start_index: int, end_index: int) -> None:
+        raise NotImplementedError(f"{type(self).__name__} does not define set_range")
 
-#: extra_options key -> (ortq option, calibrator option?)
-SUPPORTED_EXTRA_OPTIONS = {
-    "ActivationSymmetric": "activation_symmetric",
-    "WeightSymmetric": "weight_symmetric",
-    "QuantizeBias": "quantize_bias",
-    "MatMulConstBOnly": "matmul_const_b_only",
-    "OpTypesToExcludeOutputQuantization": "op_types_no_output_quantization",
-    "CalibMovingAverage": "calibrator:moving_average",
-    "CalibMovingAverageConstant": "calibrator:averaging_constant",
-    "CalibTensorRangeSymmetric": "calibrator:symmetric",
-    "CalibPercentile": "calibrator:percentile",
-    "CalibNumQuantizedBins": "calibrator:num_quantized_bins",
-    # ortq always streams statistics, so ONNX Runtime's memory knob has nothing to do.
-    "CalibMaxIntermediateOutputs": None,
-    # ONNX Runtime's own per-tensor format (see ortq.pipeline.overrides).
-    "TensorQuantOverrides": "tensor_overrides",
+
+# -- the support tables (docs/compatibility.md is generated from them) ------------------------------------
+@dataclass(frozen=True)
+class Support:
+    """How ortq handles one ONNX Runtime argument or extra option.
+
+    ``status``: ``same`` (ONNX Runtime's semantics), ``better`` (accepted; ortq does something ONNX Runtime
+    documents as a defect or limit differently, said in ``note``), ``ignored`` (accepted and has no effect
+    in ortq, said why; unknown keys ONNX Runtime itself ignores are logged as warnings), or ``refused``
+    (only the listed values are accepted; anything else raises a ``ConfigError`` naming the option).
+    ``accepted`` is the value(s) accepted when ``status`` is ``refused``.
+    """
+
+    status: str
+    note: str = ""
+    accepted: tuple[Any, ...] = ()
+
+
+STATIC_ARGUMENTS: dict[str, Support] = {
+    "model_input": Support("same", "a path or a ModelProto; the file is never modified"),
+    "model_output": Support("same", "written atomically: nothing half-written is left on failure"),
+    "calibration_data_reader": Support(
+        "better", "any object with get_next(), or an iterable of feed dicts, numpy files or folders; read in one "
+        "streaming pass (memory does not grow with the number of batches)"),
+    "quant_format": Support("same", "QDQ or QOperator"),
+    "op_types_to_quantize": Support("same"),
+    "per_channel": Support("same"),
+    "reduce_range": Support("same"),
+    "activation_type": Support(
+        "refused", "QuantType members (ortq's or ONNX Runtime's) or onnx.TensorProto element types; 4-bit and "
+        "float8 activations are not implemented", ("QUInt8", "QInt8", "QUInt16", "QInt16")),
+    "weight_type": Support(
+        "refused", "as activation_type; 4-bit weights: use ONNX Runtime's MatMulNBits tools",
+        ("QUInt8", "QInt8", "QUInt16", "QInt16")),
+    "nodes_to_quantize": Support("same"),
+    "nodes_to_exclude": Support("same", "a list of names, or a function (model, node) -> bool as in get_qdq_config"),
+    "use_external_data_format": Support(
+        "same", "weights go to '<output>.data' next to the model; ortq also does this on its own above 2 GB"),
+    "calibrate_method": Support(
+        "refused", "MinMax, Entropy and Percentile; Distribution (ONNX Runtime's float8 calibration) is not "
+        "implemented", ("MinMax", "Entropy", "Percentile")),
+    "calibration_providers": Support("same"),
+    "extra_options": Support("same", "see the extra_options table"),
+    "calibration_cache_path": Support(
+        "same", "ONNX Runtime's JSON cache format: written after calibrating, read instead of calibrating when "
+        "present (a cache of another calibration method is a ValueError)"),
 }
-# Options whose only supported value is ONNX Runtime's default.
-_DEFAULT_ONLY = {"DedicatedQDQPair": False, "UseQDQContribOps": False, "EnableSubgraph": False, "ForceQuantizeNoInputCheck": False}
+
+DYNAMIC_ARGUMENTS: dict[str, Support] = {
+    "model_input": STATIC_ARGUMENTS["model_input"],
+    "model_output": STATIC_ARGUMENTS["model_output"],
+    "op_types_to_quantize": Support(
+        "better", "MatMul, Gemm, Attention, LSTM, Gather; Conv only when named (ConvInteger is slower than float "
+        "Conv on ONNX Runtime's CPU provider); other types are ignored with a warning"),
+    "per_channel": Support("same"),
+    "reduce_range": Support("same"),
+    "weight_type": Support("refused", "8-bit weights", ("QInt8", "QUInt8")),
+    "nodes_to_quantize": Support("same"),
+    "nodes_to_exclude": Support("same"),
+    "use_external_data_format": STATIC_ARGUMENTS["use_external_data_format"],
+    "extra_options": Support("same", "see the dynamic extra_options table"),
+}
+
+_CALIB = "calibrator:"
+#: extra_options key -> (Support, ortq option it sets or None). ``refused`` entries list accepted values.
+EXTRA_OPTIONS: dict[str, tuple[Support, str | None]] = {
+    "ActivationSymmetric": (Support("same"), "activation_symmetric"),
+    "WeightSymmetric": (Support("same", "None: symmetric for signed weight types, as ONNX Runtime"), "weight_symmetric"),
+    "QuantizeBias": (Support("same"), "quantize_bias"),
+    "MatMulConstBOnly": (Support("same"), "matmul_const_b_only"),
+    "OpTypesToExcludeOutputQuantization": (Support("same"), "op_types_no_output_quantization"),
+    "MinimumRealRange": (Support("same"), "min_real_range"),
+    "ActivationRestrictedAsymmetric": (Support("same", "uint8 activations only, as ONNX Runtime"),
+                                       "activation_restricted_asymmetric"),
+    "UseQDQContribOps": (Support("same", "Q/DQ in the com.microsoft domain"), "qdq_contrib_ops"),
+    "TensorQuantOverrides": (Support(
+        "same", "ONNX Runtime's format; 'convert' entries and 4-bit/float8 types are refused by name"),
+        "tensor_overrides"),
+    "CalibMovingAverage": (Support("same"), _CALIB + "moving_average"),
+    "CalibMovingAverageConstant": (Support("same"), _CALIB + "averaging_constant"),
+    "CalibTensorRangeSymmetric": (Support("same"), _CALIB + "symmetric"),
+    "CalibPercentile": (Support("same"), _CALIB + "percentile"),
+    "CalibNumQuantizedBins": (Support("same"), _CALIB + "num_quantized_bins"),
+    "CalibMaxIntermediateOutputs": (Support(
+        "ignored", "ortq streams statistics in one pass; ONNX Runtime's memory knob has nothing to bound"), None),
+    "CalibStridedMinMax": (Support(
+        "ignored", "ortq streams statistics in one pass; the ranges are those of the whole reader, as with "
+        "ONNX Runtime's strided runs"), None),
+    "ForceQuantizeNoInputCheck": (Support(
+        "better", "ortq decides per node whether a data-movement op (MaxPool, Reshape, ...) is quantized from "
+        "whether its input is and whether ONNX Runtime fuses it, which is what the option is for; True and "
+        "False both give that placement"), None),
+    "QDQKeepRemovableActivations": (Support(
+        "ignored", "ortq keeps Relu/Clip nodes in the graph (their Q/DQ carry the clipped range), which is "
+        "what True asks for; False does not remove them either (ONNX Runtime's fusion does at load time)"), None),
+    "DefaultTensorType": (Support(
+        "ignored", "ortq leaves tensors of unknown type in float instead of guessing a type"), None),
+    "EnableSubgraph": (Support("refused", "static quantization of If/Loop/Scan bodies is not implemented",
+                               (False,)), None),
+    "DedicatedQDQPair": (Support("refused", "ortq writes one Q per tensor shared by all consumers, which is "
+                                "what ONNX Runtime fuses best", (False,)), None),
+    "AddQDQPairToWeight": (Support("refused", "ortq stores weights quantized behind a DequantizeLinear",
+                                   (False,)), None),
+    "QDQOpTypePerChannelSupportToAxis": (Support(
+        "refused", "ortq's op quantizers choose the per-channel axis of each op", ({},)), None),
+    "QDQDisableWeightAdjustForInt32Bias": (Support(
+        "refused", "ortq always keeps a bias representable in int32 (it widens the weight scale when needed)",
+        (False,)), None),
+    "SmoothQuant": (Support("refused", "SmoothQuant is not implemented", (False,)), None),
+    "SmoothQuantAlpha": (Support("ignored", "only read with SmoothQuant"), None),
+    "SmoothQuantFolding": (Support("ignored", "only read with SmoothQuant"), None),
+    "BlockSize": (Support("refused", "blocked quantization is not implemented", (0, None)), None),
+}
+
+DYNAMIC_EXTRA_OPTIONS: dict[str, Support] = {
+    "WeightSymmetric": Support("refused", "dynamic weights are symmetric", (True, None)),
+    "ActivationSymmetric": Support("refused", "DynamicQuantizeLinear computes asymmetric uint8 ranges", (False,)),
+    "MatMulConstBOnly": Support("refused", "only MatMuls with a constant weight are rewritten", (True,)),
+    "EnableSubgraph": Support("refused", "dynamic quantization of If/Loop/Scan bodies is not implemented", (False,)),
+    "ForceQuantizeNoInputCheck": Support("ignored", "dynamic kernels quantize their own input"),
+    "extra.Sigmoid.nnapi": Support("ignored", "NNAPI-only Sigmoid handling; ortq's dynamic mode leaves Sigmoid float"),
+}
+
+
+def _refused(key: str, value: Any, support: Support, what: str = "extra_options") -> ConfigError:
+    return ConfigError(
+        f"{what}[{key!r}]={value!r} is not supported: {support.note}; accepted: "
+        + ", ".join(repr(v) for v in support.accepted)
+    )
+
+
+def _value_accepted(value: Any, accepted: tuple[Any, ...]) -> bool:
+    return any(value is a if a is None else (value is not None and value == a) for a in accepted)
+
+
+# -- argument parsing shared by the drop-ins ---------------------------------------------------------------
+_ELEMENT_TYPES = {
+    TensorProto.UINT8: QuantType.UINT8, TensorProto.INT8: QuantType.INT8,
+    TensorProto.UINT16: QuantType.UINT16, TensorProto.INT16: QuantType.INT16,
+}
+_NOT_IMPLEMENTED_TYPES = {
+    TensorProto.FLOAT8E4M3FN: "float8 (E4M3FN) quantization is not implemented",
+    TensorProto.INT4: "4-bit quantization is not implemented (for weights, use ONNX Runtime's MatMulNBits tools)",
+    TensorProto.UINT4: "4-bit quantization is not implemented (for weights, use ONNX Runtime's MatMulNBits tools)",
+}
+_NOT_IMPLEMENTED_NAMES = {"QFLOAT8E4M3FN": TensorProto.FLOAT8E4M3FN, "QInt4": TensorProto.INT4, "QUInt4": TensorProto.UINT4}
+
+
+def parse_qtype(value: Any, parameter: str) -> QuantType:
+    """A quantization type from ortq's or ONNX Runtime's ``QuantType`` or an ``onnx.TensorProto`` element
+    type (ONNX Runtime reads ``getattr(t, "tensor_type", t)``); the error names ``parameter``."""
+    if isinstance(value, QuantType):
+        return value
+    name = getattr(value, "name", None)
+    if isinstance(name, str) and name in _NOT_IMPLEMENTED_NAMES:
+        raise ConfigError(f"{parameter}={value!r}: {_NOT_IMPLEMENTED_TYPES[_NOT_IMPLEMENTED_NAMES[name]]}")
+    element = getattr(value, "tensor_type", value)
+    if isinstance(element, int) and not isinstance(element, bool):
+        if element in _ELEMENT_TYPES:
+            return _ELEMENT_TYPES[element]
+        reason = _NOT_IMPLEMENTED_TYPES.get(element, "not an 8- or 16-bit integer element type")
+        raise ConfigError(f"{parameter}={value!r} ({TensorProto.DataType.Name(element) if element in TensorProto.DataType.values() else element}): {reason}")
+    try:
+        return QuantType.parse(value)
+    except ValueError as exc:
+        raise ConfigError(f"{parameter}={value!r}: {exc}") from None
 
 
 def _enum_name(value: Any) -> str:
     return str(getattr(value, "name", value))
 
 
+_CALIBRATORS = {"MinMax": "minmax", "Entropy": "entropy", "Percentile": "percentile"}
+
+
+def _nodes_to_exclude(nodes: Any, model_input: Any) -> list[str] | None:
+    """A list of names, or ONNX Runtime's callable ``(model, node) -> bool`` evaluated on the model."""
+    if not nodes:
+        return None
+    if callable(nodes):
+        model = model_input if isinstance(model_input, onnx.ModelProto) else onnx.load(
+            os.fspath(model_input), load_external_data=False)
+        return [n.name for n in model.graph.node if n.name and nodes(model, n)]
+    return list(nodes)
+
+
+def static_options(
+    quant_format: Any, op_types_to_quantize: Any, per_channel: Any, reduce_range: Any, activation_type: Any,
+    weight_type: Any, nodes_to_quantize: Any, nodes_to_exclude: Any, calibrate_method: Any,
+    extra_options: dict[str, Any] | None, model_input: Any = None,
+) -> dict[str, Any]:
+    """ONNX Runtime's static arguments as ortq pipeline options (what ``quantize_static`` passes on)."""
+    if _enum_name(quant_format) not in ("QDQ", "QOperator"):
+        raise ConfigError(f"quant_format={quant_format!r} is not QuantFormat.QDQ or QuantFormat.QOperator")
+    method = _enum_name(calibrate_method)
+    if method not in _CALIBRATORS:
+        raise ConfigError(f"calibrate_method={calibrate_method!r}: {STATIC_ARGUMENTS['calibrate_method'].note}")
+    weight_qtype = parse_qtype(weight_type, "weight_type")
+    options: dict[str, Any] = {
+        "activation_type": parse_qtype(activation_type, "activation_type"),
+        "weight_type": weight_qtype,
+        "per_channel": bool(per_channel),
+        "reduce_range": bool(reduce_range),
+        "op_types_to_quantize": list(op_types_to_quantize) if op_types_to_quantize else None,
+        "nodes_to_quantize": list(nodes_to_quantize) if nodes_to_quantize else None,
+        "nodes_to_exclude": _nodes_to_exclude(nodes_to_exclude, model_input),
+        "calibrate_method": _CALIBRATORS[method],
+        # ONNX Runtime's defaults where they differ from the cpu backend's:
+        "activation_symmetric": False,
+        "weight_symmetric": weight_qtype.signed,
+        "quant_format": _enum_name(quant_format).lower(),
+    }
+    calibrator_options: dict[str, Any] = {}
+    for key, value in (extra_options or {}).items():
+        if key not in EXTRA_OPTIONS:
+            log.warning("extra_options key %r is not an ONNX Runtime option; ignored (as ONNX Runtime does)", key)
+            continue
+        support, target = EXTRA_OPTIONS[key]
+        if support.status == "refused" and support.accepted and not _value_accepted(value, support.accepted):
+            raise _refused(key, value, support)
+        if support.status == "ignored" and target is None:
+            log.info("extra_options[%r] has no effect in ortq: %s", key, support.note)
+            continue
+        if target is None:
+            continue
+        if key == "WeightSymmetric" and value is None:
+            continue
+        if target.startswith(_CALIB):
+            calibrator_options[target[len(_CALIB):]] = value
+        else:
+            options[target] = value
+    if calibrator_options:
+        options["calibrator_options"] = calibrator_options
+    return options
+
+
 def quantize_static(
     model_input: str | os.PathLike | onnx.ModelProto,
     model_output: str | os.PathLike,
-    calibration_data_reader: Any,
+    calibration_data_reader: Any = None,
     quant_format: Any = QuantFormat.QDQ,
     op_types_to_quantize: Sequence[str] | None = None,
     per_channel: bool = False,
@@ -90,67 +320,48 @@ def quantize_static(
     activation_type: Any = QuantType.QInt8,
     weight_type: Any = QuantType.QInt8,
     nodes_to_quantize: Sequence[str] | None = None,
-    nodes_to_exclude: Sequence[str] | None = None,
+    nodes_to_exclude: Sequence[str] | Any = None,
     use_external_data_format: bool = False,
     calibrate_method: Any = CalibrationMethod.MinMax,
     calibration_providers: Sequence[Any] | None = None,
     extra_options: dict[str, Any] | None = None,
+    calibration_cache_path: str | os.PathLike | None = None,
     *,
     toolkit: Any = None,
     target: str = "cpu",
 ):  # noqa: ANN201 - returns ortq's QuantizationResult (ONNX Runtime returns None)
-    """Signature-compatible with ``onnxruntime.quantization.quantize_static`` (QDQ or QOperator format)."""
+    """Signature-compatible with ``onnxruntime.quantization.quantize_static`` (QDQ or QOperator format).
+
+    Without a reader and without a ``calibration_cache_path`` that exists, raises ``ValueError`` as ONNX
+    Runtime does (unless every tensor's parameters are given in ``TensorQuantOverrides``).
+    """
+    from ortq.api.compat_calib import load_range_cache, save_range_cache
     from ortq.api.toolkit import Toolkit
 
-    if _enum_name(quant_format) not in ("QDQ", "QOperator"):
-        raise ConfigError(f"quant_format {_enum_name(quant_format)!r} is not QuantFormat.QDQ or QuantFormat.QOperator")
-    if use_external_data_format:
-        raise ConfigError("use_external_data_format is not supported yet; models must fit in 2 GB")
-    method = _enum_name(calibrate_method)
-    options: dict[str, Any] = {
-        "activation_type": QuantType.parse(activation_type),
-        "weight_type": QuantType.parse(weight_type),
-        "per_channel": bool(per_channel),
-        "reduce_range": bool(reduce_range),
-        "op_types_to_quantize": list(op_types_to_quantize) if op_types_to_quantize else None,
-        "nodes_to_quantize": list(nodes_to_quantize) if nodes_to_quantize else None,
-        "nodes_to_exclude": list(nodes_to_exclude) if nodes_to_exclude else None,
-        "calibrate_method": _CALIBRATORS.get(method, method.lower()),
-        # ONNX Runtime's defaults where they differ from the cpu backend's:
-        "activation_symmetric": False,
-        "weight_symmetric": True,
-        "quant_format": _enum_name(quant_format).lower(),
-    }
-    calibrator_options: dict[str, Any] = {}
-    for key, value in (extra_options or {}).items():
-        if key in _DEFAULT_ONLY:
-            if bool(value) != _DEFAULT_ONLY[key]:
-                raise ConfigError(f"extra_options[{key!r}]={value!r} is not supported; only {_DEFAULT_ONLY[key]}")
-            continue
-        if key not in SUPPORTED_EXTRA_OPTIONS:
-            supported = ", ".join(sorted([*SUPPORTED_EXTRA_OPTIONS, *_DEFAULT_ONLY]))
-            raise ConfigError(f"extra_options key {key!r} is not supported; supported keys: {supported}")
-        target_key = SUPPORTED_EXTRA_OPTIONS[key]
-        if target_key is None:
-            continue
-        if target_key.startswith("calibrator:"):
-            calibrator_options[target_key.split(":", 1)[1]] = value
-        else:
-            options[target_key] = value
-    if calibrator_options:
-        options["calibrator_options"] = calibrator_options
-    toolkit = toolkit or Toolkit()
-    return toolkit.quantize(
-        model_input, model_output, calibration_data=calibration_data_reader, target=target,
-        providers=calibration_providers, **options,
+    options = static_options(
+        quant_format, op_types_to_quantize, per_channel, reduce_range, activation_type, weight_type,
+        nodes_to_quantize, nodes_to_exclude, calibrate_method, extra_options, model_input,
     )
-
-
-#: extra_options keys quantize_dynamic accepts, each only at the value ortq implements (ONNX Runtime's default,
-#: except MatMulConstBOnly: dynamic mode only rewrites MatMuls with a constant weight).
-SUPPORTED_DYNAMIC_EXTRA_OPTIONS = {
-    "WeightSymmetric": True, "MatMulConstBOnly": True, "EnableSubgraph": False, "ForceQuantizeNoInputCheck": False,
-}
+    toolkit = toolkit or Toolkit()
+    kwargs: dict[str, Any] = dict(
+        target=target, providers=calibration_providers,
+        external_data=True if use_external_data_format else None, **options,
+    )
+    cache = Path(calibration_cache_path) if calibration_cache_path is not None else None
+    if cache is not None and cache.exists():
+        state = load_range_cache(cache, model_input, _enum_name(calibrate_method))
+        kwargs["calibrate_method"] = "minmax"  # the cache holds final ranges
+        return toolkit.quantize(model_input, model_output, calibration_state=state, **kwargs)
+    if calibration_data_reader is None and not options.get("tensor_overrides"):
+        raise CalibrationDataError(
+            "calibration_data_reader is None" + (f" and the calibration cache {str(cache)!r} does not exist"
+                                                 if cache is not None else "")
+            + ": static quantization needs calibration data"
+        )
+    result = toolkit.quantize(model_input, model_output, calibration_data=calibration_data_reader, **kwargs)
+    if cache is not None:
+        save_range_cache(cache, result.ranges, _enum_name(calibrate_method))
+    return result
 
 
 def quantize_dynamic(
@@ -174,20 +385,18 @@ def quantize_dynamic(
     """
     from ortq.api.toolkit import Toolkit
 
-    if use_external_data_format:
-        raise ConfigError("use_external_data_format is not supported yet; models must fit in 2 GB")
     for key, value in (extra_options or {}).items():
-        if key not in SUPPORTED_DYNAMIC_EXTRA_OPTIONS:
-            supported = ", ".join(sorted(SUPPORTED_DYNAMIC_EXTRA_OPTIONS))
-            raise ConfigError(f"extra_options key {key!r} is not supported by quantize_dynamic; supported keys: {supported}")
-        if bool(value) != SUPPORTED_DYNAMIC_EXTRA_OPTIONS[key]:
-            raise ConfigError(
-                f"extra_options[{key!r}]={value!r} is not supported; only {SUPPORTED_DYNAMIC_EXTRA_OPTIONS[key]}"
-            )
+        support = DYNAMIC_EXTRA_OPTIONS.get(key)
+        if support is None:
+            log.warning("extra_options key %r is not read by quantize_dynamic; ignored (as ONNX Runtime does)", key)
+        elif support.status == "refused" and not _value_accepted(value, support.accepted):
+            raise _refused(key, value, support)
     toolkit = toolkit or Toolkit()
     return toolkit.quantize_dynamic(
         model_input, model_output, op_types_to_quantize=list(op_types_to_quantize) if op_types_to_quantize else None,
-        per_channel=bool(per_channel), reduce_range=bool(reduce_range), weight_type=QuantType.parse(weight_type),
+        per_channel=bool(per_channel), reduce_range=bool(reduce_range),
+        weight_type=parse_qtype(weight_type, "weight_type"),
         nodes_to_quantize=list(nodes_to_quantize) if nodes_to_quantize else None,
-        nodes_to_exclude=list(nodes_to_exclude) if nodes_to_exclude else None,
+        nodes_to_exclude=_nodes_to_exclude(nodes_to_exclude, model_input),
+        external_data=True if use_external_data_format else None,
     )

@@ -8,7 +8,7 @@ from typing import Any
 from ortq.core.errors import ConfigError
 from ortq.core.scheme import QuantSpec, QuantType
 
-__all__ = ["QuantConfig", "QUANT_FORMATS", "parse_quant_format"]
+__all__ = ["QuantConfig", "QUANT_FORMATS", "parse_quant_format", "PASS_THROUGH_OPTIONS"]
 
 #: Output formats: QuantizeLinear/DequantizeLinear pairs, or ONNX Runtime's integer operators.
 QUANT_FORMATS = ("qdq", "qoperator")
@@ -46,6 +46,16 @@ class QuantConfig:
     #: kernels such as QLinearConv written into the file; see :mod:`ortq.rewrite_qoperator`).
     quant_format: str = "qdq"
     calibrator_options: dict[str, Any] = field(default_factory=dict)
+    #: A calibrated range narrower than this is widened to it (ONNX Runtime's ``MinimumRealRange``), so a
+    #: nearly constant tensor does not get a scale so fine that kernels lose precision on the requantization.
+    min_real_range: float | None = None
+    #: uint8 activations get zero point 0 (range >= 0) or the middle of the type (range straddling 0), with
+    #: the scale widened to keep the range covered (ONNX Runtime's ``ActivationRestrictedAsymmetric``), for
+    #: accelerators that only take those two zero points.
+    activation_restricted_asymmetric: bool = False
+    #: Write QuantizeLinear/DequantizeLinear in the ``com.microsoft`` domain (ONNX Runtime's
+    #: ``UseQDQContribOps``), for runtimes that only accept those.
+    qdq_contrib_ops: bool = False
 
     @property
     def required_opset(self) -> int:
@@ -54,3 +64,7 @@ class QuantConfig:
         if self.per_channel:
             opset = max(opset, 13)
         return opset
+
+
+#: QuantConfig fields set verbatim from a same-named, non-None option (no backend default to merge with).
+PASS_THROUGH_OPTIONS = ("min_real_range", "activation_restricted_asymmetric", "qdq_contrib_ops")

@@ -34,6 +34,10 @@ def model_inputs(model: onnx.ModelProto) -> list[InputSpec]:
         dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type) if tt.elem_type else np.dtype("float32")
         shape = None
         if tt.HasField("shape"):
-            shape = tuple(d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim)
+            # A negative dim_value (-1, as some exporters write) is dynamic, as ONNX Runtime reads it;
+            # onnx.checker accepts it, so refusing every batch for it would only break working models.
+            shape = tuple(
+                d.dim_value if d.HasField("dim_value") and d.dim_value >= 0 else None for d in tt.shape.dim
+            )
         specs.append(InputSpec(vi.name, np.dtype(dtype), shape))
     return specs

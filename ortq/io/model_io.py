@@ -23,7 +23,7 @@ import onnx
 from google.protobuf.message import DecodeError
 from onnx import TensorProto
 
-from ortq.core.errors import ModelError
+from ortq.core.errors import ModelError, ModelNotFoundError
 from ortq.io.external_data import BITS, declared_bytes, external_tensors, location, uses_external, validate_external_data
 
 __all__ = [
@@ -89,7 +89,7 @@ def read_model(model: str | os.PathLike | onnx.ModelProto) -> LoadedModel:
     source = Path(model)
     label = str(source)
     if not source.is_file():
-        raise ModelError(f"{label}: no such model file")
+        raise ModelNotFoundError(f"{label}: no such model file")
     if source.stat().st_size == 0:
         raise ModelError(f"{label}: the file is empty, not an ONNX model")
     try:

@@ -14,7 +14,7 @@ import numpy as np
 
 from ortq.core.errors import ModelError
 from ortq.core.op_quantizer import Activation, Bias, SameAs, Weight
-from ortq.core.scheme import QuantParams, QuantSpec, is_power_of_two, params_from_range
+from ortq.core.scheme import QuantParams, QuantSpec, QuantType, is_power_of_two, params_from_range
 
 if TYPE_CHECKING:
     from ortq.core.config import QuantConfig
@@ -51,11 +51,15 @@ def compute_params(
             if problem:
                 vetoes[name] = problem
                 continue
-            params[name] = params_from_range(lo, hi, tp.spec)
+            lo, hi = widen_to_min_range(lo, hi, config.min_real_range)
+            if config.activation_restricted_asymmetric and not tp.spec.symmetric and tp.spec.qtype is QuantType.UINT8:
+                params[name] = restricted_asymmetric_params(lo, hi, tp.spec)
+            else:
+                params[name] = params_from_range(lo, hi, tp.spec)
         elif isinstance(tp.role, Weight):
             values = index.constant_value(name)
             _check_finite(values, name, tp.node)
-            params[name] = weight_params(values, tp.spec, name)
+            params[name] = weight_params(values, tp.spec, name, min_real_range=config.min_real_range)
     _limit_average_requantization(plan, index, params)
     for name, tp in plan.tensors.items():
         if isinstance(tp.role, SameAs):
@@ -258,7 +262,7 @@ def _check_finite(values: np.ndarray | None, name: str, node: str) -> None:
         raise ModelError(f"constant {name!r} of node {node!r} contains NaN or Inf")
 
 
-def weight_params(values: np.ndarray, spec: QuantSpec, name: str) -> QuantParams:
+def weight_params(values: np.ndarray, spec: QuantSpec, name: str, *, min_real_range: float | None = None) -> QuantParams:
     if spec.axis is not None and values.ndim > 0:
         axis = spec.axis % values.ndim
         reduce_axes = tuple(a for a in range(values.ndim) if a != axis)
@@ -266,9 +270,35 @@ def weight_params(values: np.ndarray, spec: QuantSpec, name: str) -> QuantParams
             lo, hi = values.min(axis=reduce_axes), values.max(axis=reduce_axes)
         else:
             lo = hi = np.zeros(values.shape[axis])
+        lo, hi = widen_to_min_range(lo, hi, min_real_range)
         return params_from_range(lo, hi, spec.with_axis(axis))
     lo, hi = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    lo, hi = widen_to_min_range(lo, hi, min_real_range)
     return params_from_range(lo, hi, spec.with_axis(None))
+
+
+def widen_to_min_range(lo, hi, min_real_range: float | None):  # noqa: ANN001, ANN201 - floats or arrays
+    """Raise ``hi`` so that ``hi - lo >= min_real_range`` (ONNX Runtime's ``MinimumRealRange``): a nearly
+    constant tensor then gets a usable scale instead of one so fine that requantization loses precision."""
+    if not min_real_range:
+        return lo, hi
+    hi = np.maximum(hi, np.asarray(lo, dtype=np.float64) + float(min_real_range))
+    return lo, (float(hi) if np.ndim(hi) == 0 else hi)
+
+
+def restricted_asymmetric_params(lo: float, hi: float, spec: QuantSpec) -> QuantParams:
+    """uint8 parameters with the zero point snapped to 0 (range >= 0) or to the type's midpoint (range below
+    zero), the scale widened so the range stays covered: ONNX Runtime's ``ActivationRestrictedAsymmetric``,
+    for accelerators that accept only those two zero points."""
+    qmin, qmax = spec.qtype.qrange(reduce_range=spec.reduce_range)
+    lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
+    if lo >= 0.0:
+        zero_point, scale = qmin, hi / float(qmax - qmin)
+    else:
+        zero_point = (qmin + qmax + 1) // 2
+        scale = max(-lo / float(zero_point - qmin), hi / float(qmax - zero_point))
+    scale = 1.0 if scale == 0 else max(scale, float(np.finfo(np.float32).tiny))
+    return QuantParams(np.float32(scale), np.asarray(zero_point), spec.qtype, None)
 
 
 def bias_params(

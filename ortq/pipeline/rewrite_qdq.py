@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from ortq.core.graph import GraphIndex
     from ortq.pipeline.plan import QuantPlan
 
-__all__ = ["rewrite_qdq", "drop_unused_constants", "quantize_bias", "constant_dq"]
+__all__ = ["rewrite_qdq", "drop_unused_constants", "quantize_bias", "constant_dq", "use_contrib_qdq"]
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,14 @@ def quantize_bias(values: np.ndarray, scale: np.ndarray, name: str) -> np.ndarra
 
 
 def _add_init(graph: onnx.GraphProto, name: str, value: np.ndarray) -> str:
-    graph.initializer.append(numpy_helper.from_array(np.asarray(value), name))
+    value = np.asarray(value)
+    if value.ndim == 0 and value.dtype.kind in "fiu":
+        # A scalar scale or zero point in the typed field (float_data / int32_data), as ONNX Runtime's
+        # quantizer stores it: tools written against its output read ``int32_data[0]``. Same bytes on disk.
+        tensor = helper.make_tensor(name, helper.np_dtype_to_tensor_dtype(value.dtype), [], [value.item()])
+    else:
+        tensor = numpy_helper.from_array(value, name)
+    graph.initializer.append(tensor)
     return name
 
 
@@ -135,3 +142,13 @@ def constant_dq(
         "DequantizeLinear", [q_name, s_name, zp_name], [names(f"{name}_dequantized")],
         name=names(f"{name}_DequantizeLinear"), **attrs,
     )
+
+
+def use_contrib_qdq(model: onnx.ModelProto) -> None:
+    """Move every QuantizeLinear/DequantizeLinear to the ``com.microsoft`` domain (ONNX Runtime's
+    ``UseQDQContribOps``): same arithmetic, for runtimes and older ONNX Runtime builds that only take those."""
+    for node in model.graph.node:
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear") and node.domain in ("", "ai.onnx"):
+            node.domain = "com.microsoft"
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))

@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 
 from ortq.pipeline.calibrate import run_calibration
-from ortq.core.config import QuantConfig, parse_quant_format
+from ortq.core.config import PASS_THROUGH_OPTIONS, QuantConfig, parse_quant_format
 from ortq.io.data import feed_samples, iter_batches, model_inputs
 from ortq.core.errors import CalibrationError, ConfigError, ModelError, OrtqError, PluginError
 from ortq.core.graph import GraphIndex, uses_float16
@@ -28,7 +28,7 @@ from ortq.core.plan import FloatNode, QuantPlan
 from ortq.core.report import QuantizationResult
 from ortq.pipeline.plan import make_plan
 from ortq.pipeline.rewrite_dynamic import DEFAULT_DYNAMIC_OP_TYPES, DYNAMIC_OP_TYPES, rewrite_dynamic
-from ortq.pipeline.rewrite_qdq import rewrite_qdq
+from ortq.pipeline.rewrite_qdq import rewrite_qdq, use_contrib_qdq
 from ortq.pipeline.rewrite_qoperator import convert_to_qoperator
 from ortq.io.state import CalibrationState, model_fingerprint
 from ortq.pipeline.overrides import TensorOverrides
@@ -83,6 +83,9 @@ def resolve_config(backend: Backend, **overrides: Any) -> QuantConfig:
     if config.extreme_range <= 0:
         raise ConfigError("extreme_range must be positive")
     config.quant_format = parse_quant_format(_pick(overrides.get("quant_format"), config.quant_format))
+    for key in PASS_THROUGH_OPTIONS:
+        if overrides.get(key) is not None:
+            setattr(config, key, overrides[key])
     backend.check_config(config)
     return config
 
@@ -285,6 +288,7 @@ def quantize(
     verify_samples: int = 64,
     verification_data: Any = None,
     tensor_overrides: Mapping[str, Any] | str | Path | None = None,
+    external_data: bool | None = None,
     **overrides: Any,
 ) -> QuantizationResult:
     """Statically quantize ``model`` to the QDQ format for ``target`` and optionally write it to ``output``.
@@ -378,6 +382,8 @@ def quantize(
     rewrite_qdq(proto, index, plan, params, bias_params(plan, params, index))
     if config.quant_format == "qoperator":
         convert_to_qoperator(proto, toolkit)  # logs each node left in QDQ form and why
+    if config.qdq_contrib_ops:
+        use_contrib_qdq(proto)
     proto = p.model = _compact(proto)
     del index  # it indexes the float graph's message, which _compact lets go
     timings["rewrite"] = time.perf_counter() - t2
@@ -401,7 +407,7 @@ def quantize(
     if out is not None:
         # Written under temporary names (with external data if the input had it or it is over 2 GB), renamed
         # into place only once the backend's export succeeded too; nothing is left behind on failure.
-        with staged_save(proto, out, external_data=p.external_data or None, protect=p.external_files):
+        with staged_save(proto, out, external_data=external_data or p.external_data or None, protect=p.external_files):
             result.artifacts = _export_staged(backend, result, out.parent)
     return result
 
@@ -456,6 +462,7 @@ def quantize_dynamic(
     batch_size: int | None = None,
     max_samples: int | None = 64,
     providers: Sequence[Any] | None = None,
+    external_data: bool | None = None,
 ) -> QuantizationResult:
     """Dynamically quantize ``model``: weights to symmetric ``weight_type`` offline, activations at run time.
 
@@ -520,7 +527,7 @@ def quantize_dynamic(
         float_bytes=p.float_bytes, quantized_bytes=model_size(proto), seconds=timings, dynamic=True,
     )
     if out is not None:
-        with staged_save(proto, out, external_data=p.external_data or None, protect=p.external_files):
+        with staged_save(proto, out, external_data=external_data or p.external_data or None, protect=p.external_files):
             pass
     return result
 
@@ -530,7 +537,7 @@ SCHEME_OPTIONS = {
     "activation_type", "weight_type", "activation_symmetric", "weight_symmetric", "per_channel", "reduce_range",
     "quantize_bias", "matmul_const_b_only", "op_types_to_quantize", "nodes_to_quantize", "nodes_to_exclude",
     "op_types_no_output_quantization", "calibrate_method", "calibrator_options", "extreme_range", "backend_options",
-    "quant_format",
+    "quant_format", *PASS_THROUGH_OPTIONS,
 }
 def _compact(model: onnx.ModelProto) -> onnx.ModelProto:
     """A fresh copy that holds only what the rewritten graph still uses.
