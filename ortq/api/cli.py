@@ -163,6 +163,29 @@ def _session_options(command: Any) -> Any:
                         help="Threads per operator in the calibration session (0: ONNX Runtime's default).")(command)
 
 
+def _ray_flags(command: Any) -> Any:
+    """Calibrate on a Ray cluster (the ``ray`` extra): each shard of the data folder on a worker."""
+    command = click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
+                           help="Calibrate on Ray, one shard (each *.npz or sub-folder of -d) per task: a local Ray, "
+                                "or the cluster at ADDRESS ('auto': the one this machine is in). Needs ortq[ray].")(command)
+    return click.option("--ray-workers", type=click.IntRange(min=1), default=None,
+                        help="Ray workers (default: the cluster's CPUs, at most one per shard).")(command)
+
+
+def _ray_call(ray_address: str | None, ray_workers: int | None) -> dict[str, Any]:
+    """The facade's ``ray``/``ray_workers`` keywords for these flags, and a shards progress bar."""
+    if ray_address is None:
+        return {}
+    bar = click.progressbar(length=0, label="calibrating shards", file=sys.stderr, show_pos=True,
+                            hidden=not sys.stderr.isatty())
+
+    def progress(done: int, total: int) -> None:
+        bar.length = total
+        bar.update(1)
+
+    return {"ray": True if ray_address == "local" else ray_address, "ray_workers": ray_workers, "progress": progress}
+
+
 def _make_session_options(intra_op_threads: int | None) -> Any:
     if intra_op_threads is None:
         return None
@@ -230,6 +253,7 @@ def build_cli(toolkit: Toolkit) -> click.Group:
                        "scale + zero_point, symmetric, reduce_range, rmin, rmax, axis).")
     @_accuracy_flags
     @_session_options
+    @_ray_flags
     @_image_flags
     @click.pass_context
     def quantize(ctx: click.Context, model: Path, output: Path, calibration_data: Path | None,
@@ -243,6 +267,9 @@ def build_cli(toolkit: Toolkit) -> click.Group:
         dynamically (--mode dynamic) to ONNX Runtime's DynamicQuantizeMatMul without calibration."""
         target_spec = _accuracy_target(**{k: image_flags.pop(k) for k in _ACCURACY_FLAGS})
         tensor_overrides = image_flags.pop("tensor_overrides")
+        on_ray = _ray_call(image_flags.pop("ray_address"), image_flags.pop("ray_workers"))
+        if on_ray and (mode == "dynamic" or target_spec is not None or calibration_state is not None):
+            raise click.UsageError("--ray calibrates static quantization from --calibration-data shards")
         if tensor_overrides is not None and (mode == "dynamic" or target_spec is not None):
             raise click.UsageError("--tensor-overrides applies to static quantization without --min-sqnr/--max-drop")
         if mode == "dynamic":
@@ -292,12 +319,18 @@ def build_cli(toolkit: Toolkit) -> click.Group:
             if not found.met:
                 raise OrtqError(f"the accuracy target {accuracy.describe()} was not met (best: {found.final_value:.4g})")
             return
-        with _progress(calibration_data, max_samples) as bar:
+        if on_ray:
             result = toolkit.quantize(
-                model, output, calibration_data=calibration_data, calibration_state=calibration_state, target=target,
-                session_options=_make_session_options(intra_op_threads), verify=verify, progress=bar.update,
-                tensor_overrides=tensor_overrides, **options,
+                model, output, calibration_data=calibration_data, target=target, verify=verify,
+                tensor_overrides=tensor_overrides, **on_ray, **options,
             )
+        else:
+            with _progress(calibration_data, max_samples) as bar:
+                result = toolkit.quantize(
+                    model, output, calibration_data=calibration_data, calibration_state=calibration_state,
+                    target=target, session_options=_make_session_options(intra_op_threads), verify=verify,
+                    progress=bar.update, tensor_overrides=tensor_overrides, **options,
+                )
         click.echo(result.summary())
         click.echo(f"wrote {result.output}")
         for path in result.artifacts:
@@ -317,6 +350,7 @@ def build_cli(toolkit: Toolkit) -> click.Group:
     @click.option("--merge", "merge_into", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
                   help="Earlier state(s) of the same model to merge this run into; repeatable.")
     @_session_options
+    @_ray_flags
     @_image_flags
     def calibrate(model: Path, calibration_data: Path, output: Path, target: str, calibrate_method: str | None,
                   calibrator_option: tuple[str, ...], op_types: str | None, nodes_to_exclude: str | None,
@@ -325,14 +359,20 @@ def build_cli(toolkit: Toolkit) -> click.Group:
         """Run MODEL over calibration data and save the statistics (quantize later with --calibration-state)."""
         from ortq.io.state import CalibrationState
 
-        with _progress(calibration_data, max_samples) as bar:
-            state = toolkit.calibrate(
-                model, calibration_data, target=target, calibrate_method=calibrate_method,
-                calibrator_options=_key_values(calibrator_option) or None, op_types_to_quantize=_csv(op_types),
-                nodes_to_exclude=_csv(nodes_to_exclude), batch_size=batch_size, max_samples=max_samples,
-                providers=list(provider) or None, session_options=_make_session_options(intra_op_threads),
-                image_options=_make_image_options(**image_flags), progress=bar.update,
-            )
+        on_ray = _ray_call(image_flags.pop("ray_address"), image_flags.pop("ray_workers"))
+        scheme = dict(
+            target=target, calibrate_method=calibrate_method, calibrator_options=_key_values(calibrator_option) or None,
+            op_types_to_quantize=_csv(op_types), nodes_to_exclude=_csv(nodes_to_exclude), batch_size=batch_size,
+            max_samples=max_samples, providers=list(provider) or None,
+        )
+        if on_ray:
+            state = toolkit.calibrate(model, calibration_data, **on_ray, **scheme)
+        else:
+            with _progress(calibration_data, max_samples) as bar:
+                state = toolkit.calibrate(
+                    model, calibration_data, session_options=_make_session_options(intra_op_threads),
+                    image_options=_make_image_options(**image_flags), progress=bar.update, **scheme,
+                )
         for path in merge_into:
             state.merge(CalibrationState.load(path, toolkit.statistic_types()))
         state.save(output)

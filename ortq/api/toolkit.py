@@ -12,6 +12,7 @@ from typing import Any
 from ortq.host.plugin_host import PluginHost
 from ortq.pipeline.run import calibrate, plan_only, quantize, quantize_dynamic
 from ortq.tools.accuracy_driven import quantize_to_target
+from ortq.tools.distributed import calibrate_on_ray, quantize_on_ray
 from ortq.tools.evaluate import EvaluationReport, evaluate
 from ortq.tools.qat import quantize_qat
 
@@ -27,8 +28,18 @@ class Toolkit(PluginHost):
     and goes on instead of raising.
     """
 
-    def quantize(self, model: Any, output: Any = None, **options: Any):  # noqa: ANN201 - see pipeline
-        """Quantize ``model``; see :func:`ortq.pipeline.run.quantize` for the options."""
+    def quantize(self, model: Any, output: Any = None, *, ray: bool | str = False, ray_workers: int | None = None,
+                 **options: Any):  # noqa: ANN201 - see pipeline
+        """Quantize ``model``; see :func:`ortq.pipeline.run.quantize` for the options.
+
+        ``ray=True`` (a local Ray, or the one this process already initialised) or ``ray="ADDRESS"``
+        calibrates on a Ray cluster, shard by shard (:func:`ortq.tools.distributed.quantize_on_ray`).
+        """
+        if ray:
+            return quantize_on_ray(
+                self, model, output, options.pop("calibration_data", None), address=None if ray is True else ray,
+                workers=ray_workers, **options,
+            )
         return quantize(self, model, output, **options)
 
     def quantize_dynamic(self, model: Any, output: Any = None, **options: Any):  # noqa: ANN201 - see pipeline
@@ -44,8 +55,16 @@ class Toolkit(PluginHost):
         """Validate and complete an already quantized (QAT) model; see :func:`ortq.tools.qat.quantize_qat`."""
         return quantize_qat(self, model, output, **options)
 
-    def calibrate(self, model: Any, calibration_data: Any, **options: Any):  # noqa: ANN201
-        """Run calibration only and return a :class:`ortq.CalibrationState`; see :func:`ortq.pipeline.run.calibrate`."""
+    def calibrate(self, model: Any, calibration_data: Any, *, ray: bool | str = False, ray_workers: int | None = None,
+                  **options: Any):  # noqa: ANN201
+        """Run calibration only and return a :class:`ortq.CalibrationState`; see :func:`ortq.pipeline.run.calibrate`.
+
+        ``ray`` as in :meth:`quantize`: shards of ``calibration_data`` are observed on a Ray cluster.
+        """
+        if ray:
+            return calibrate_on_ray(
+                self, model, calibration_data, address=None if ray is True else ray, workers=ray_workers, **options
+            )
         return calibrate(self, model, calibration_data, **options)
 
     def evaluate(self, float_model: Any, quantized_model: Any, data: Any, **options: Any) -> EvaluationReport:
