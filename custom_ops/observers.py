@@ -12,11 +12,17 @@ Python op terminates the process. Hence:
 - each calibration gets a fresh token; observer nodes carry it as an attribute and this module routes
   values to the matching :class:`ObserverSink`, so concurrent calibrations never mix statistics;
 - the op body catches everything, records the first error on the sink, and always returns the one 0-d
-  output it declares; the engine re-raises the recorded error in Python after ``run()``.
+  output it declares; the engine re-raises the recorded error in Python after ``run()``;
+- Ctrl-C must not land inside the op either: Python raises ``KeyboardInterrupt`` at whatever bytecode runs
+  next, which may be onnxruntime-extensions' own wrapper around the op body, where nothing can catch it
+  (measured: exit 134, ``pybind11::error_already_set``). :class:`DeferredInterrupts` replaces the SIGINT
+  handler while observed sessions run with one that only records the signal; the calibration loop calls
+  :meth:`DeferredInterrupts.check` between batches, which raises the ``KeyboardInterrupt`` there.
 """
 
 from __future__ import annotations
 
+import signal
 import threading
 import uuid
 from typing import Callable, Sequence
@@ -24,7 +30,7 @@ from typing import Callable, Sequence
 import numpy as np
 from onnxruntime_extensions import PyCustomOpDef, get_library_path, onnx_op
 
-__all__ = ["OBSERVER_DOMAIN", "OBSERVER_OP", "ObserverSink", "library_path"]
+__all__ = ["OBSERVER_DOMAIN", "OBSERVER_OP", "ObserverSink", "DeferredInterrupts", "library_path"]
 
 OBSERVER_DOMAIN = "ai.onnx.contrib"
 OBSERVER_OP = "OrtqObserver"
@@ -61,6 +67,49 @@ class ObserverSink:
     def __exit__(self, *exc_info: object) -> None:
         with _sinks_lock:
             _sinks.pop(self.token, None)
+
+
+class DeferredInterrupts:
+    """Hold back SIGINT while Python custom ops may run; deliver it at :meth:`check` or on exit.
+
+    Only the main thread can install signal handlers, and only a Python-level handler is replaced (the
+    default one that raises ``KeyboardInterrupt``, or the caller's own): an ignored or default-action
+    SIGINT is left alone. Elsewhere this is a no-op, which is safe because Python delivers SIGINT to the
+    main thread only. A recorded signal is delivered by calling the handler that was replaced, so a caller's
+    own handler still sees it and the default one raises a catchable ``KeyboardInterrupt``.
+    """
+
+    def __init__(self) -> None:
+        self._previous: object = None
+        self._installed = False
+        self._pending: tuple[int, object] | None = None
+
+    def _record(self, signum: int, frame: object) -> None:
+        if self._pending is None:  # the first Ctrl-C counts; a second one is the same request
+            self._pending = (signum, frame)
+
+    def __enter__(self) -> "DeferredInterrupts":
+        if threading.current_thread() is threading.main_thread():
+            previous = signal.getsignal(signal.SIGINT)
+            if callable(previous):
+                self._previous = previous
+                signal.signal(signal.SIGINT, self._record)
+                self._installed = True
+        return self
+
+    def check(self) -> None:
+        """Deliver a recorded SIGINT now (call it between ``run()`` calls, outside any custom op)."""
+        if self._pending is not None:
+            signum, frame = self._pending
+            self._pending = None
+            self._previous(signum, frame)  # type: ignore[operator]
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._installed:
+            signal.signal(signal.SIGINT, self._previous)  # type: ignore[arg-type]
+            self._installed = False
+        if exc_info[0] is None:
+            self.check()
 
 
 @onnx_op(

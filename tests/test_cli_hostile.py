@@ -357,7 +357,7 @@ def test_plugin_raising_at_registration(tmp_path: Path, monkeypatch: pytest.Monk
     from ortq.api import cli
 
     monkeypatch.setattr(cli, "_toolkit_from_environment",
-                        lambda: ortq.Toolkit([_RaisingAtRegistration()], autoload=False))
+                        lambda *_: ortq.Toolkit([_RaisingAtRegistration()], autoload=False))
     inputs, inputs_dir, out_dir = _prepare(tmp_path, _data_case(**tiny_data(8)))
     before_in, before_out = _snapshot(inputs_dir), _snapshot(out_dir)
     with pytest.raises(SystemExit) as info:

@@ -36,10 +36,25 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
             raise
+        except KeyboardInterrupt:  # Ctrl-C: nothing was written (outputs are renamed into place at the end)
+            click.echo("Aborted!", err=True)
+            ctx.exit(130)
+        except BrokenPipeError:  # `ortq info m.onnx | head -3`: the reader has all it wanted
+            _quiet_stdout()
+            ctx.exit(0)
         except OrtqError as exc:
             _fail(ctx, f"Error: {exc}", exc)
         except Exception as exc:  # a bug: still one line unless --verbose
             _fail(ctx, f"Error: internal error ({type(exc).__name__}: {exc}); rerun with --verbose for the traceback", exc)
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush does not fail on the closed pipe again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # no real file descriptor (a test runner's capture): nothing to flush
+        pass
 
 
 def _fail(ctx: click.Context, message: str, exc: BaseException) -> None:
@@ -47,6 +62,17 @@ def _fail(ctx: click.Context, message: str, exc: BaseException) -> None:
         traceback.print_exception(exc, file=sys.stderr)
     click.echo(message, err=True)
     ctx.exit(1)
+
+
+def _outputs_first(outputs: list[Path | None], inputs: dict[str, Any], models: tuple[Any, ...] = ()) -> None:
+    """Before any work: every output can be written and none is a file the command reads."""
+    from ortq.io.model_io import check_output_path
+    from ortq.io.paths import refuse_overwriting_inputs
+
+    written = [p for p in outputs if p is not None and str(p) != "-"]
+    for path in written:
+        check_output_path(path)
+    refuse_overwriting_inputs(written, inputs, models=models)
 
 
 def _csv(value: str | None) -> list[str] | None:
@@ -209,14 +235,23 @@ def _progress(calibration_data: Path | None, max_samples: int | None) -> Any:
 def build_cli(toolkit: Toolkit) -> click.Group:
     """The command group for ``toolkit``, with plugin commands added through ``ortq_register_commands``."""
 
-    @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+    broken = toolkit.broken_plugins()
+
+    @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]},
+                 epilog="\b\nSkipped broken plugins:\n" + "\n".join(f"  {_skipped(i)}" for i in broken) if broken else None)
     @click.option("-v", "--verbose", is_flag=True, help="Debug logging and tracebacks on errors.")
+    @click.option("--no-plugin", "no_plugin", multiple=True, metavar="NAME",
+                  help="Do not load the plugin NAME (an entry point, as `ortq plugins` names it); repeatable. "
+                       "ORTQ_DISABLE_PLUGIN_AUTOLOAD=1 skips every third-party plugin.")
     @click.version_option(package_name="ortq")
     @click.pass_context
-    def cli(ctx: click.Context, verbose: bool) -> None:
+    def cli(ctx: click.Context, verbose: bool, no_plugin: tuple[str, ...]) -> None:
         """Post-training quantization for ONNX models."""
         ctx.obj = {"verbose": verbose, "toolkit": toolkit}
         logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(levelname)s: %(message)s")
+        if ctx.invoked_subcommand not in ("plugins", "info"):  # those two list them in their output
+            for info in broken:  # once per run, before any progress bar
+                click.echo(f"Warning: {_skipped(info)}", err=True)
 
     @cli.command()
     @click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
@@ -359,6 +394,8 @@ def build_cli(toolkit: Toolkit) -> click.Group:
         """Run MODEL over calibration data and save the statistics (quantize later with --calibration-state)."""
         from ortq.io.state import CalibrationState
 
+        _outputs_first([output], {"model": model, "calibration data": calibration_data, "state": list(merge_into)},
+                       models=(model,))
         on_ray = _ray_call(image_flags.pop("ray_address"), image_flags.pop("ray_workers"))
         scheme = dict(
             target=target, calibrate_method=calibrate_method, calibrator_options=_key_values(calibrator_option) or None,
@@ -387,6 +424,7 @@ def build_cli(toolkit: Toolkit) -> click.Group:
         """Merge calibration states of the same model (shards of the data) into one."""
         from ortq.io.state import CalibrationState
 
+        _outputs_first([output], {"state": list(states)})
         loaded = [CalibrationState.load(path, toolkit.statistic_types()) for path in states]
         merged = loaded[0]
         for other in loaded[1:]:
@@ -428,11 +466,13 @@ def build_cli(toolkit: Toolkit) -> click.Group:
                 click.echo(f"  float: {f.name} ({f.op_type}): {f.reason}")
         else:
             grouped = collections.defaultdict(list)
-            for f in plan.float_nodes:
-                grouped[(f.op_type, f.reason)].append(f.name)
+            for f in plan.float_nodes:  # by kind of reason: the tensor names in a reason would split every group
+                grouped[(f.op_type, _reason_kind(f.reason))].append(f.name)
             for (op_type, reason), names in sorted(grouped.items()):
                 more = f" (+{len(names) - 3} more)" if len(names) > 3 else ""
                 click.echo(f"  float {op_type} x{len(names)}: {reason} [{', '.join(names[:3])}{more}]")
+        for broken_plugin in broken:
+            click.echo(f"warning: {_skipped(broken_plugin)}")
 
     @cli.command()
     def plugins() -> None:
@@ -476,6 +516,8 @@ def build_cli(toolkit: Toolkit) -> click.Group:
         from ortq.tools.evaluate import DEFAULT_LATENCY_RUNS
         from ortq.io.model_io import write_file_atomic
 
+        _outputs_first([json_path], {"float model": float_model, "quantized model": quantized_model, "data": data,
+                                     "labels": labels}, models=(float_model, quantized_model))
         report = toolkit.evaluate(
             float_model, quantized_model, data, labels=labels, metrics=list(metric_specs) or None,
             batch_size=batch_size, max_samples=max_samples, providers=list(provider) or None,
@@ -512,6 +554,10 @@ def build_cli(toolkit: Toolkit) -> click.Group:
         from ortq.tools.debug import DEFAULT_MAX_SAMPLES, debug_models
         from ortq.io.model_io import write_file_atomic
 
+        _outputs_first([json_path, html_path], {"float model": float_model, "quantized model": quantized_model,
+                                                "data": data}, models=(float_model, quantized_model))
+        if json_path is not None and html_path is not None and json_path.resolve() == html_path.resolve():
+            raise click.UsageError("--json and --html name the same file")
         report = debug_models(float_model, quantized_model, data, batch_size=batch_size,
                               max_samples=max_samples or DEFAULT_MAX_SAMPLES, providers=list(provider) or None)
         click.echo(report.table(top=top or None, sort=sort))
@@ -631,17 +677,54 @@ def _make_folder(folder: Path) -> list[Path]:
     return missing
 
 
-def _toolkit_from_environment() -> Toolkit:
+def _reason_kind(reason: str) -> str:
+    """A float node's reason with quoted (tensor, node) names replaced, so reasons of one kind group together."""
+    import re
+
+    return re.sub(r"'[^']*'|\"[^\"]*\"", "'...'", reason)
+
+
+def _skipped(info: Any) -> str:
+    """One line for a plugin that failed to load: what failed and how to stop loading it."""
+    how = f"--no-plugin {info.name}"
+    if info.source.startswith("entry point"):
+        how += " or ORTQ_DISABLE_PLUGIN_AUTOLOAD=1"
+    return f"skipped {info.error} (to not load it: {how})"
+
+
+def _disabled_plugins(argv: list[str]) -> list[str]:
+    """The ``--no-plugin NAME`` values, read before click parses anything: plugins load before the commands
+    exist (they add commands and targets)."""
+    names = []
+    for i, arg in enumerate(argv):
+        if arg == "--":
+            break
+        if arg == "--no-plugin" and i + 1 < len(argv):
+            names.append(argv[i + 1])
+        elif arg.startswith("--no-plugin="):
+            names.append(arg.partition("=")[2])
+    return names
+
+
+def _toolkit_from_environment(disabled: list[str] | None = None) -> Toolkit:
+    """The CLI's toolkit: a plugin that fails to load is skipped (and reported once by the command), so one
+    broken package never takes down ``--help``, ``plugins`` or ``info``."""
     autoload = os.environ.get("ORTQ_DISABLE_PLUGIN_AUTOLOAD", "").lower() not in {"1", "true", "yes"}
     only = _csv(os.environ.get("ORTQ_PLUGINS"))
-    return Toolkit(autoload=autoload, only_entry_points=only)
+    host_log = logging.getLogger("ortq.host.plugin_host")
+    was_disabled, host_log.disabled = host_log.disabled, True  # the command reports skipped plugins itself
+    try:
+        return Toolkit(autoload=autoload, only_entry_points=only, on_plugin_error="skip", disabled=disabled or ())
+    finally:
+        host_log.disabled = was_disabled
 
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point."""
-    verbose = "-v" in (argv or sys.argv[1:]) or "--verbose" in (argv or sys.argv[1:])
+    args = list(sys.argv[1:] if argv is None else argv)
+    verbose = "-v" in args or "--verbose" in args
     try:
-        cli = build_cli(_toolkit_from_environment())
+        cli = build_cli(_toolkit_from_environment(_disabled_plugins(args)))
     except OrtqError as exc:
         if verbose:
             traceback.print_exc()

@@ -81,7 +81,9 @@ class PluginHost:
     ``plugins`` are extra plugin objects (modules or instances with ``@ortq.hookimpl`` methods).
     ``autoload`` loads third-party plugins from the ``ortq`` entry-point group; ``builtins=False`` starts
     from an empty toolkit (useful to test a plugin alone). ``on_plugin_error="skip"`` logs a broken plugin
-    and goes on instead of raising.
+    and goes on instead of raising (the ``ortq`` command does this, so one broken package cannot take every
+    command down); :meth:`broken_plugins` lists what was skipped. ``disabled`` names entry points (or
+    built-in plugin modules) not to load at all, as pytest's ``-p no:NAME``.
     """
 
     def __init__(
@@ -93,8 +95,10 @@ class PluginHost:
         only_entry_points: Iterable[str] | None = None,
         on_plugin_error: OnError = "raise",
     ) -> None:
+        disabled: Iterable[str] = (),
         self.on_plugin_error: OnError = on_plugin_error
         self.pm = pluggy.PluginManager(hookspecs.PROJECT)
+        self.disabled = frozenset(disabled)
         self.pm.add_hookspecs(hookspecs)
         self.op_quantizers: Registry[type[OpQuantizer]] = Registry("op quantizer")
         self.calibrators: Registry[type[Calibrator]] = Registry("calibrator")
@@ -104,6 +108,8 @@ class PluginHost:
         if builtins:
             for module_name in BUILTIN_PLUGINS:
                 self._guarded(module_name, "builtin", lambda m=module_name: importlib.import_module(m))
+                if module_name in self.disabled:
+                    continue
         if autoload:
             self._load_entry_points(set(only_entry_points) if only_entry_points is not None else None)
         for plugin in plugins:
@@ -177,7 +183,7 @@ class PluginHost:
             for ep in dist.entry_points:
                 if ep.group != ENTRY_POINT_GROUP or ep.name in seen:
                     continue
-                if only is not None and ep.name not in only:
+                if (only is not None and ep.name not in only) or ep.name in self.disabled:
                     continue
                 seen.add(ep.name)
                 dist_name = dist.metadata["name"] or "?"
@@ -185,6 +191,10 @@ class PluginHost:
                 self._guarded(ep.name, source, ep.load)
 
     # -- lookups ---------------------------------------------------------------------------------
+    def broken_plugins(self) -> list[PluginInfo]:
+        """Plugins that failed to load or register and were skipped (``on_plugin_error="skip"``)."""
+        return [info for info in self.plugin_info.values() if info.error]
+
     def op_quantizer_for(self, op_type: str, domain: str = "") -> type[OpQuantizer] | None:
         return self.op_quantizers.find(_op_key(op_type, domain))
 

@@ -25,6 +25,7 @@ from onnx import TensorProto
 
 from ortq.core.errors import ModelError, ModelNotFoundError
 from ortq.io.external_data import BITS, declared_bytes, external_tensors, location, uses_external, validate_external_data
+from ortq.io.paths import same_file
 
 __all__ = [
     "load_model", "read_model", "LoadedModel", "save_model_atomic", "staged_save", "upgrade_opset",
@@ -416,13 +417,13 @@ def staged_save(
     out = check_output_path(path)
     external = over_protobuf_limit(model) if external_data is None else bool(external_data) or over_protobuf_limit(model)
     data_out = external_data_path(out)
-    if external:
-        resolved = Path(os.path.realpath(data_out))
-        if any(resolved == Path(os.path.realpath(p)) for p in protect):
-            raise ModelError(
-                f"{out}: its data file {str(data_out)!r} is the input model's own external data; choose another "
-                "output name"
-            )
+    if any(same_file(out, p) for p in protect):
+        raise ModelError(f"{out}: this is the input model's own external data file; choose another output name")
+    if external and any(same_file(data_out, p) for p in protect):
+        raise ModelError(
+            f"{out}: its data file {str(data_out)!r} is the input model's own external data; choose another "
+            "output name"
+        )
     temps: list[str] = []
     try:
         fd, model_tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)

@@ -190,7 +190,9 @@ class ObservedSession:
         self._statistics = {name: self._calibrator.create_statistic(name) for name in self.tensors}
         self._sink.error = None
         result = CalibrationResult(self._statistics, 0, 0)
-        with self._sink:
+        # Ctrl-C is held back while the observers (Python ops) run and raised between batches: landing
+        # inside an op it would abort the process (see custom_ops/observers.py).
+        with self._sink, DeferredInterrupts() as interrupts:
             for feed in batches:
                 try:
                     outputs = self._session.run(self._fetch, feed)
@@ -204,6 +206,8 @@ class ObservedSession:
                         f"observer for tensor {tensor!r} failed on calibration batch {result.batches}: {exc!r}"
                     ) from exc
                 if result.samples < keep_samples:
+        from ortq.custom_ops.observers import DeferredInterrupts
+
                     result.kept_feeds.append(feed)
                     result.kept_outputs.append(dict(zip(self._fetch, outputs)))
                 result.batches += 1
@@ -215,6 +219,9 @@ class ObservedSession:
         return result
 
 
+                interrupts.check()
 def _batch_size(feed: dict[str, np.ndarray]) -> int:
     first = next(iter(feed.values()), None)
+                    if isinstance(exc, KeyboardInterrupt):
+                        raise KeyboardInterrupt from None
     return int(first.shape[0]) if first is not None and first.ndim > 0 else 1

@@ -33,6 +33,7 @@ from ortq.pipeline.rewrite_qoperator import convert_to_qoperator
 from ortq.io.state import CalibrationState, model_fingerprint
 from ortq.pipeline.overrides import TensorOverrides
 from ortq.pipeline.preprocess_advice import warn_if_not_preprocessed
+from ortq.io.paths import refuse_overwriting_inputs
 from ortq.core.graph import refuse_quantized
 from ortq.core.scheme import QuantSpec, QuantType
 from ortq.core.report import VerificationReport
@@ -333,6 +334,9 @@ def quantize(
     index = GraphIndex(proto)
     plan = make_plan(toolkit, index, config, backend)
     given.apply(plan, index, config, backend, label)
+    inputs = {"model": model, "calibration data": calibration_data, "calibration state": calibration_state,
+              "verification data": verification_data, "tensor overrides": tensor_overrides}
+    refuse_overwriting_inputs([out], inputs, models=[model])
     observed = given.observed(plan)
     extra = _extra_observed(backend, proto, index, observed)
     timings["plan"] = time.perf_counter() - t0
@@ -399,6 +403,7 @@ def quantize(
         )
     timings["verify"] = time.perf_counter() - t3
     result = QuantizationResult(
+    apply_corrections(corrections, config, index, plan, params, label)  # weights, then biases: scales are final
         model=proto, output=out, target=backend.name, config=config, plan=plan,
         ranges={**extra_ranges, **ranges}, params=params,  # the backend's extra tensors too (TensorRT tables)
         vetoes=vetoes, calibration_batches=n_batches, calibration_samples=n_samples,
@@ -408,7 +413,8 @@ def quantize(
         # Written under temporary names (with external data if the input had it or it is over 2 GB), renamed
         # into place only once the backend's export succeeded too; nothing is left behind on failure.
         with staged_save(proto, out, external_data=external_data or p.external_data or None, protect=p.external_files):
-            result.artifacts = _export_staged(backend, result, out.parent)
+            inputs["external data"] = p.external_files
+            result.artifacts = _export_staged(backend, result, out.parent, inputs)
     return result
 
 
@@ -422,9 +428,12 @@ def _first_samples(batches: Iterable[dict[str, np.ndarray]], samples: int) -> It
         seen += feed_samples(feed)
 
 
-def _export_staged(backend: Backend, result: QuantizationResult, out_dir: Path) -> list[Path]:
+def _export_staged(
+    backend: Backend, result: QuantizationResult, out_dir: Path, inputs: Mapping[str, Any] | None = None
+) -> list[Path]:
     """The backend writes into a private folder beside the output; what it returns is moved into place only
-    once it has returned, so a backend that writes a file and then fails leaves nothing behind."""
+    once it has returned, so a backend that writes a file and then fails leaves nothing behind. No artifact
+    may replace one of ``inputs`` (checked for all before the first is moved)."""
     with tempfile.TemporaryDirectory(prefix=".ortq-export-", dir=out_dir) as staging:
         try:
             written = [Path(path) for path in backend.export(result, Path(staging))]
@@ -440,10 +449,11 @@ def _export_staged(backend: Backend, result: QuantizationResult, out_dir: Path) 
                 raise PluginError(
                     f"backend {backend.name!r} returned {str(path)!r}, outside the folder it was given to write in"
                 ) from None
-            target = out_dir / relative
+            final.append(out_dir / relative)
+        refuse_overwriting_inputs(final, inputs or {})
+        for path, target in zip(written, final):
             target.parent.mkdir(parents=True, exist_ok=True)
             os.replace(path, target)
-            final.append(target)
     return final
 
 
@@ -497,6 +507,7 @@ def quantize_dynamic(
     index = GraphIndex(proto)
     plan = make_plan(toolkit, index, config, backend)
     timings["plan"] = time.perf_counter() - t0
+    refuse_overwriting_inputs([out], {"model": model, "verification data": verify_data}, models=[model])
 
     feeds: list[dict[str, np.ndarray]] = []
     reference: list[dict[str, np.ndarray]] = []

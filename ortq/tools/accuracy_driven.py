@@ -39,6 +39,8 @@ from ortq.core.graph import GraphIndex
 from ortq.core.op_quantizer import Activation, SameAs, Weight
 from ortq.pipeline.plan import QuantPlan, make_plan
 from ortq.core.scheme import QuantType
+from ortq.io.model_io import check_output_path
+from ortq.io.paths import refuse_overwriting_inputs
 from ortq.io.state import CalibrationState
 from ortq.pipeline.verify import make_session, run_outputs
 
@@ -275,6 +277,10 @@ def quantize_to_target(
     if fallback not in FALLBACKS:
         raise ConfigError(f"fallback {fallback!r} is not one of {', '.join(FALLBACKS)}")
     user_excluded = set(overrides.pop("nodes_to_exclude", None) or ())
+    if output is not None:  # before any work: the search takes minutes, the write comes last
+        check_output_path(output)
+        refuse_overwriting_inputs([output], {"model": model, "calibration data": calibration_data,
+                                             "evaluation data": eval_data, "labels": labels}, models=[model])
 
     # 1. One calibration observing every tensor a trial could quantize.
     p = _prepare(toolkit, model, backend, dict(overrides), fingerprint=True, refuse_qdq=True)

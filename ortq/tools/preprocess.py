@@ -44,6 +44,7 @@ from ortq.io.model_io import (
     check_model, check_output_path, infer_shapes, model_opset, over_protobuf_limit, read_model,
     session_source, staged_save, upgrade_opset,
 )
+from ortq.io.paths import refuse_overwriting_inputs
 
 __all__ = [
     "preprocess", "PreprocessResult", "PreprocessStep", "preprocess_advice", "warn_if_not_preprocessed",
@@ -213,8 +214,7 @@ def _check_output(output: str | os.PathLike | None, source: Path | None) -> Path
     if output is None:
         return None
     out = check_output_path(output)  # before any work
-    if source is not None and out.exists() and os.path.samefile(out, source):
-        raise ModelError(f"{out}: is the input model; preprocess never overwrites its input, choose another name")
+    refuse_overwriting_inputs([out], {"model": source})
     return out
 
 

@@ -39,6 +39,7 @@ from ortq.core.config import parse_quant_format
 from ortq.core.errors import ModelError
 from ortq.core.graph import QDQ_OP_TYPES, FreshNames, GraphIndex, is_qdq, node_label
 from ortq.io.model_io import check_output_path, infer_shapes, model_opset, model_size, read_model, staged_save
+from ortq.io.paths import refuse_overwriting_inputs
 from ortq.core.graph import drop_unused_constants, refuse_quantized
 from ortq.pipeline.rewrite_qdq import constant_dq
 from ortq.pipeline.rewrite_qoperator import convert_to_qoperator
@@ -475,6 +476,7 @@ def quantize_qat(
     t0 = time.perf_counter()
     fmt = parse_quant_format(quant_format)
     out = check_output_path(output) if output is not None else None
+    refuse_overwriting_inputs([out], {"model": model, "verification data": verify_data}, models=[model])
     loaded = read_model(model)
     proto, label = loaded.model, str(loaded.source) if loaded.source else "model"
     input_bytes = model_size(proto)
