@@ -70,3 +70,125 @@ def test_scalar_parameters_are_stored_in_typed_fields(tmp_path: Path) -> None:
     inits = {i.name: i for i in onnx.load(tmp_path / "q.onnx").graph.initializer}
     assert inits["x_zero_point"].int32_data and not inits["x_zero_point"].raw_data
     assert inits["x_scale"].float_data and numpy_helper.to_array(inits["x_scale"]).dtype == np.float32
+
+
+def test_element_types_and_ort_enum_members_name_the_parameter(tmp_path: Path) -> None:
+    result = compat.quantize_static(
+        tiny_cnn(), tmp_path / "q.onnx", _cnn_reader(), activation_type=TensorProto.UINT8, weight_type=TensorProto.INT8
+    )
+    assert result.config.activation.qtype is ortq.QuantType.UINT8 and result.config.weight.qtype is ortq.QuantType.INT8
+    with pytest.raises(ValueError, match="weight_type=.*float8"):
+        compat.quantize_static(tiny_cnn(), tmp_path / "q2.onnx", _cnn_reader(), weight_type=TensorProto.FLOAT8E4M3FN)
+
+
+def test_unknown_keys_onnxruntime_ignores_are_warned_not_refused(tmp_path: Path, caplog) -> None:
+    result = compat.quantize_static(
+        tiny_cnn(), tmp_path / "q.onnx", _cnn_reader(), extra_options={"dual_feed": True, "ForceQuantizeNoInputCheck": True}
+    )
+    assert "dual_feed" in caplog.text and result.verification.min_sqnr_db > 25
+
+
+def test_minimum_real_range_and_restricted_asymmetric(tmp_path: Path) -> None:
+    w = numpy_helper.from_array(np.zeros((1, 2, 2, 2), np.float32), "WGT")
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["ACT", "WGT"], ["RES"], name="conv")], "g",
+        [helper.make_tensor_value_info("ACT", TensorProto.FLOAT, [1, 2, 8, 8])],
+        [helper.make_tensor_value_info("RES", TensorProto.FLOAT, [1, 1, 7, 7])], [w],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    zeros = [{"ACT": np.zeros((1, 2, 8, 8), np.float32)}]
+    kwargs = dict(activation_type=compat.QuantType.QUInt8, weight_type=compat.QuantType.QUInt8)
+    result = compat.quantize_static(model, tmp_path / "a.onnx", Reader(zeros), extra_options={"MinimumRealRange": 1e-4}, **kwargs)
+    assert float(result.params["ACT"].scale) == np.float32(1e-4 / 255) and int(result.params["ACT"].zero_point) == 0
+    assert float(result.params["WGT"].scale) == np.float32(1e-4 / 255)
+    default = compat.quantize_static(model, tmp_path / "b.onnx", Reader(zeros), **kwargs)
+    assert float(default.params["ACT"].scale) == 1.0
+    signed = [{"ACT": np.full((1, 2, 8, 8), v, np.float32)} for v in (-1.0, 2.0)]
+    snapped = compat.quantize_static(
+        model, tmp_path / "c.onnx", Reader(signed), extra_options={"ActivationRestrictedAsymmetric": True}, **kwargs
+    )
+    p = snapped.params["ACT"]
+    assert int(p.zero_point) == 128 and np.isclose(float(p.scale), 2.0 / 127)
+    plain = compat.quantize_static(model, tmp_path / "d.onnx", Reader(signed), **kwargs)
+    assert int(plain.params["ACT"].zero_point) == 85
+
+
+def test_qdq_contrib_ops_domain(tmp_path: Path) -> None:
+    result = compat.quantize_static(tiny_cnn(), tmp_path / "q.onnx", _cnn_reader(), extra_options={"UseQDQContribOps": True})
+    qdq = [n for n in result.model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    assert qdq and all(n.domain == "com.microsoft" for n in qdq)
+    feeds = tiny_data(8, seed=5)
+    assert _sqnr(tiny_cnn(), tmp_path / "q.onnx", feeds) > 25
+
+
+def test_calibration_cache_round_trip(tmp_path: Path) -> None:
+    cache = tmp_path / "cache.json"
+    first = compat.quantize_static(tiny_cnn(), tmp_path / "a.onnx", _cnn_reader(), calibration_cache_path=cache)
+    assert cache.exists()
+    second = compat.quantize_static(tiny_cnn(), tmp_path / "b.onnx", None, calibration_cache_path=cache)
+    assert all(first.params[k].same_as(second.params[k]) for k in first.params)
+    with pytest.raises(ValueError, match="MinMax"):
+        compat.quantize_static(
+            tiny_cnn(), tmp_path / "c.onnx", None, calibrate_method=compat.CalibrationMethod.Entropy,
+            calibration_cache_path=cache,
+        )
+    from onnxruntime.quantization.calibrate import load_tensors_data  # ONNX Runtime reads ortq's cache
+
+    assert set(load_tensors_data(cache).data) == set(first.ranges)
+
+
+def test_external_data_format(tmp_path: Path) -> None:
+    compat.quantize_static(tiny_cnn(), tmp_path / "q.onnx", _cnn_reader(), use_external_data_format=True)
+    assert (tmp_path / "q.onnx.data").exists() or any(p.suffix == ".data" for p in tmp_path.iterdir())
+    assert _sqnr(tiny_cnn(), tmp_path / "q.onnx", tiny_data(8, seed=5)) > 25
+
+
+def test_config_objects_and_get_qdq_config(tmp_path: Path) -> None:
+    model = tiny_cnn()
+    config = compat.get_qdq_config(model, _cnn_reader(), per_channel=True, min_real_range=1e-4,
+                                   nodes_to_exclude=lambda m, n: n.op_type == "Gemm")
+    assert config.extra_options["MinimumRealRange"] == 1e-4 and config.extra_options["ForceQuantizeNoInputCheck"]
+    assert config.nodes_to_exclude == ["fc"] and "Gemm" not in config.op_types_to_quantize
+    result = compat.quantize(model, tmp_path / "s.onnx", config)
+    assert "fc" not in result.plan.quantized_nodes and result.config.per_channel
+    assert _sqnr(model, tmp_path / "s.onnx", tiny_data(8, seed=5)) > 25
+    compat.quantize(model, tmp_path / "d.onnx", compat.DynamicQuantConfig(op_types_to_quantize=["Gemm"]))
+    ops = {n.op_type for n in onnx.load(tmp_path / "d.onnx").graph.node}
+    assert "DynamicQuantizeMatMul" in ops or "MatMulInteger" in ops
+    with pytest.raises(TypeError):
+        compat.quantize(model, tmp_path / "x.onnx", object())
+
+
+def test_reader_protocol_extras() -> None:
+    class Strided(compat.CalibrationDataReader):
+        def __init__(self) -> None:
+            self.start, self.end = 0, 4
+
+        def get_next(self):
+            return None
+
+        def __len__(self) -> int:
+            return 4
+
+        def set_range(self, start_index: int, end_index: int) -> None:
+            self.start, self.end = start_index, end_index
+
+    reader = Strided()
+    reader.set_range(1, 2)
+    assert len(reader) == 4 and (reader.start, reader.end) == (1, 2) and list(reader) == []
+
+
+def test_create_calibrator_and_calibration_table(tmp_path: Path) -> None:
+    onnx.save(tiny_cnn(), tmp_path / "m.onnx")
+    calibrator = compat.create_calibrator(tmp_path / "m.onnx", ["Conv"])
+    calibrator.collect_data(_cnn_reader())
+    ranges = calibrator.compute_data()
+    x = tiny_data(16, 1)["x"]
+    assert np.isclose(ranges["x"][0], x.min()) and np.isclose(ranges["x"][1], x.max())
+    compat.write_calibration_table(ranges, tmp_path)
+    lines = (tmp_path / "calibration.cache").read_text().splitlines()
+    assert lines == sorted(lines) and lines[0].split(" ")[0] in ranges
+    from onnxruntime.quantization.CalTableFlatBuffers import TrtTable  # ONNX Runtime's reader of the table
+
+    table = TrtTable.TrtTable.GetRootAsTrtTable((tmp_path / "calibration.flatbuffers").read_bytes(), 0)
+    assert table.DictLength() == len(ranges)

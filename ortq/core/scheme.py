@@ -43,6 +43,15 @@ class QuantType(enum.Enum):
         """Accept ortq names ("uint8"), ONNX Runtime's ``QuantType`` members (``QuantType.QUInt8``) or their names."""
         if isinstance(value, QuantType):
             return value
+        # ONNX Runtime reads ``getattr(t, "tensor_type", t)``: its QuantType members and onnx.TensorProto
+        # element types (plain ints) are both accepted there, so here too.
+        element = getattr(value, "tensor_type", value)
+        if isinstance(element, (int, np.integer)) and not isinstance(element, bool):
+            for member, onnx_type in _ONNX_DTYPES.items():
+                if onnx_type == element:
+                    return member
+            label = TensorProto.DataType.Name(element) if element in TensorProto.DataType.values() else element
+            raise ValueError(f"unsupported quantization element type {label}; choose one of uint8, int8, uint16, int16")
         name = getattr(value, "name", value)
         if not isinstance(name, str):
             raise ValueError(f"not a quantization type: {value!r}")
