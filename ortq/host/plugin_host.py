@@ -94,11 +94,11 @@ class PluginHost:
         builtins: bool = True,
         only_entry_points: Iterable[str] | None = None,
         on_plugin_error: OnError = "raise",
-    ) -> None:
         disabled: Iterable[str] = (),
+    ) -> None:
         self.on_plugin_error: OnError = on_plugin_error
-        self.pm = pluggy.PluginManager(hookspecs.PROJECT)
         self.disabled = frozenset(disabled)
+        self.pm = pluggy.PluginManager(hookspecs.PROJECT)
         self.pm.add_hookspecs(hookspecs)
         self.op_quantizers: Registry[type[OpQuantizer]] = Registry("op quantizer")
         self.calibrators: Registry[type[Calibrator]] = Registry("calibrator")
@@ -107,9 +107,9 @@ class PluginHost:
         self.plugin_info: dict[str, PluginInfo] = {}
         if builtins:
             for module_name in BUILTIN_PLUGINS:
-                self._guarded(module_name, "builtin", lambda m=module_name: importlib.import_module(m))
                 if module_name in self.disabled:
                     continue
+                self._guarded(module_name, "builtin", lambda m=module_name: importlib.import_module(m))
         if autoload:
             self._load_entry_points(set(only_entry_points) if only_entry_points is not None else None)
         for plugin in plugins:
@@ -190,11 +190,11 @@ class PluginHost:
                 source = f"entry point {ep.value} from {dist_name} {dist.version}"
                 self._guarded(ep.name, source, ep.load)
 
-    # -- lookups ---------------------------------------------------------------------------------
     def broken_plugins(self) -> list[PluginInfo]:
         """Plugins that failed to load or register and were skipped (``on_plugin_error="skip"``)."""
         return [info for info in self.plugin_info.values() if info.error]
 
+    # -- lookups ---------------------------------------------------------------------------------
     def op_quantizer_for(self, op_type: str, domain: str = "") -> type[OpQuantizer] | None:
         return self.op_quantizers.find(_op_key(op_type, domain))
 

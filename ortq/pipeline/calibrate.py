@@ -187,6 +187,8 @@ class ObservedSession:
         keep_samples: int = 0,
     ) -> CalibrationResult:
         """Statistics of ``batches`` alone (fresh for every call); raises if they hold no batch."""
+        from ortq.custom_ops.observers import DeferredInterrupts
+
         self._statistics = {name: self._calibrator.create_statistic(name) for name in self.tensors}
         self._sink.error = None
         result = CalibrationResult(self._statistics, 0, 0)
@@ -200,14 +202,15 @@ class ObservedSession:
                     raise
                 except Exception as exc:
                     raise CalibrationError(f"calibration batch {result.batches}: ONNX Runtime failed: {exc}") from None
+                interrupts.check()
                 if self._sink.error is not None:
                     tensor, exc = self._sink.error
+                    if isinstance(exc, KeyboardInterrupt):
+                        raise KeyboardInterrupt from None
                     raise CalibrationError(
                         f"observer for tensor {tensor!r} failed on calibration batch {result.batches}: {exc!r}"
                     ) from exc
                 if result.samples < keep_samples:
-        from ortq.custom_ops.observers import DeferredInterrupts
-
                     result.kept_feeds.append(feed)
                     result.kept_outputs.append(dict(zip(self._fetch, outputs)))
                 result.batches += 1
@@ -219,9 +222,6 @@ class ObservedSession:
         return result
 
 
-                interrupts.check()
 def _batch_size(feed: dict[str, np.ndarray]) -> int:
     first = next(iter(feed.values()), None)
-                    if isinstance(exc, KeyboardInterrupt):
-                        raise KeyboardInterrupt from None
     return int(first.shape[0]) if first is not None and first.ndim > 0 else 1

@@ -30,10 +30,10 @@ from ortq.pipeline.plan import make_plan
 from ortq.pipeline.rewrite_dynamic import DEFAULT_DYNAMIC_OP_TYPES, DYNAMIC_OP_TYPES, rewrite_dynamic
 from ortq.pipeline.rewrite_qdq import rewrite_qdq, use_contrib_qdq
 from ortq.pipeline.rewrite_qoperator import convert_to_qoperator
+from ortq.io.paths import refuse_overwriting_inputs
 from ortq.io.state import CalibrationState, model_fingerprint
 from ortq.pipeline.overrides import TensorOverrides
 from ortq.pipeline.preprocess_advice import warn_if_not_preprocessed
-from ortq.io.paths import refuse_overwriting_inputs
 from ortq.core.graph import refuse_quantized
 from ortq.core.scheme import QuantSpec, QuantType
 from ortq.core.report import VerificationReport
@@ -317,6 +317,9 @@ def quantize(
     if calibration_state is not None and calibration_data is not None:
         raise ConfigError("give calibration_data or calibration_state, not both")
     out = check_output_path(output) if output is not None else None
+    inputs = {"model": model, "calibration data": calibration_data, "calibration state": calibration_state,
+              "verification data": verification_data, "tensor overrides": tensor_overrides}
+    refuse_overwriting_inputs([out], inputs, models=[model])
     given = TensorOverrides.load(tensor_overrides)
     p = _prepare(
         toolkit, model, target, overrides, fingerprint=calibration_state is not None, min_opset=given.required_opset,
@@ -334,9 +337,6 @@ def quantize(
     index = GraphIndex(proto)
     plan = make_plan(toolkit, index, config, backend)
     given.apply(plan, index, config, backend, label)
-    inputs = {"model": model, "calibration data": calibration_data, "calibration state": calibration_state,
-              "verification data": verification_data, "tensor overrides": tensor_overrides}
-    refuse_overwriting_inputs([out], inputs, models=[model])
     observed = given.observed(plan)
     extra = _extra_observed(backend, proto, index, observed)
     timings["plan"] = time.perf_counter() - t0
@@ -403,7 +403,6 @@ def quantize(
         )
     timings["verify"] = time.perf_counter() - t3
     result = QuantizationResult(
-    apply_corrections(corrections, config, index, plan, params, label)  # weights, then biases: scales are final
         model=proto, output=out, target=backend.name, config=config, plan=plan,
         ranges={**extra_ranges, **ranges}, params=params,  # the backend's extra tensors too (TensorRT tables)
         vetoes=vetoes, calibration_batches=n_batches, calibration_samples=n_samples,
@@ -487,6 +486,7 @@ def quantize_dynamic(
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     out = check_output_path(output) if output is not None else None
+    refuse_overwriting_inputs([out], {"model": model, "verification data": verify_data}, models=[model])
     requested = frozenset(op_types_to_quantize) if op_types_to_quantize else DEFAULT_DYNAMIC_OP_TYPES
     unsupported = requested - DYNAMIC_OP_TYPES
     if unsupported:
@@ -507,7 +507,6 @@ def quantize_dynamic(
     index = GraphIndex(proto)
     plan = make_plan(toolkit, index, config, backend)
     timings["plan"] = time.perf_counter() - t0
-    refuse_overwriting_inputs([out], {"model": model, "verification data": verify_data}, models=[model])
 
     feeds: list[dict[str, np.ndarray]] = []
     reference: list[dict[str, np.ndarray]] = []
