@@ -495,3 +495,256 @@ def test_real_process_stderr_is_one_line(tmp_path: Path) -> None:
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error: ") and "contains 1 NaN" in lines[0], done.stderr
     assert _snapshot(out_dir) == before_out and _snapshot(inputs_dir) == before_in
+
+
+# -- an output that is one of the inputs: refused before any work, every input byte-identical -----------------
+
+
+def _overwrite_case(folder: Path) -> dict[str, Path]:
+    """The files a command may read: a model, its hard link, calibration data (a file and a folder), a state,
+    overrides, labels, and a model with external data."""
+    model = _tiny(folder)
+    files = {"model": model, "data": _npz(folder, **tiny_data(8))}
+    (folder / "sub").mkdir()
+    os.link(model, folder / "hard.onnx")
+    (folder / "link.onnx").symlink_to(model)
+    samples = folder / "samples"
+    samples.mkdir()
+    np.save(samples / "x.npy", tiny_data(8)["x"])
+    ortq.Toolkit(autoload=False).calibrate(tiny_cnn(), tiny_data(8)).save(folder / "state.json")
+    (folder / "overrides.json").write_text(json.dumps({"r1": [{"rmin": 0.0, "rmax": 4.0}]}))
+    np.save(folder / "labels.npy", np.zeros(8, np.int64))
+    _save_external(external_cnn(), folder / "ext.onnx")
+    np.savez(folder / "ext.npz", **external_data_feeds(4))
+    return files
+
+
+def _i(name: str) -> str:
+    return "{in}/" + name
+
+
+#: command line (``{in}`` is the inputs folder) -> what the error names as the input it refused to overwrite
+OVERWRITE_CASES = {
+    "quantize-o-model": (["quantize", _i("model.onnx"), "-o", _i("model.onnx"), "-d", _i("calib.npz")], "model"),
+    "quantize-o-dotdot": (["quantize", _i("model.onnx"), "-o", _i("sub/../model.onnx"), "-d", _i("calib.npz")], "model"),
+    "quantize-o-symlink": (["quantize", _i("model.onnx"), "-o", _i("link.onnx"), "-d", _i("calib.npz")], "model"),
+    "quantize-o-hardlink": (["quantize", _i("model.onnx"), "-o", _i("hard.onnx"), "-d", _i("calib.npz")], "model"),
+    "quantize-o-data": (["quantize", _i("model.onnx"), "-o", _i("calib.npz"), "-d", _i("calib.npz")], "calibration data"),
+    "quantize-o-file-in-data-folder": (
+        ["quantize", _i("model.onnx"), "-o", _i("samples/x.npy"), "-d", _i("samples")], "calibration data"),
+    "quantize-o-state": (["quantize", _i("model.onnx"), "-o", _i("state.json"), "-s", _i("state.json")], "calibration state"),
+    "quantize-o-overrides": (["quantize", _i("model.onnx"), "-o", _i("overrides.json"), "-d", _i("calib.npz"),
+                              "--tensor-overrides", _i("overrides.json")], "tensor overrides"),
+    "quantize-o-external-data": (["quantize", _i("ext.onnx"), "-o", _i("weights.bin"), "-d", _i("ext.npz")], "external data"),
+    "quantize-min-sqnr-o-labels": (["quantize", _i("model.onnx"), "-o", _i("labels.npy"), "-d", _i("calib.npz"),
+                                    "--max-drop", "1", "--metric", "accuracy", "--labels", _i("labels.npy")], "labels"),
+    "dynamic-o-model": (["quantize", _i("model.onnx"), "-o", _i("model.onnx"), "--mode", "dynamic"], "model"),
+    "calibrate-o-model": (["calibrate", _i("model.onnx"), "-d", _i("calib.npz"), "-o", _i("model.onnx")], "model"),
+    "calibrate-o-merged-state": (["calibrate", _i("model.onnx"), "-d", _i("calib.npz"), "-o", _i("state.json"),
+                                  "--merge", _i("state.json")], "state"),
+    "merge-states-o-state": (["merge-states", _i("state.json"), _i("state.json"), "-o", _i("state.json")], "state"),
+    "debug-html-model": (["debug", _i("model.onnx"), _i("hard.onnx"), "-d", _i("calib.npz"), "--html", _i("model.onnx")],
+                         "float model"),
+    "debug-json-data": (["debug", _i("model.onnx"), _i("hard.onnx"), "-d", _i("calib.npz"), "--json", _i("calib.npz")],
+                        "data"),
+    "evaluate-json-labels": (["evaluate", _i("model.onnx"), _i("hard.onnx"), "-d", _i("calib.npz"), "--labels",
+                              _i("labels.npy"), "--json", _i("labels.npy")], "labels"),
+    "preprocess-o-hardlink": (["preprocess", _i("model.onnx"), "-o", _i("hard.onnx")], "model"),
+    "qat-o-model": (["qat", _i("model.onnx"), "-o", _i("model.onnx")], "model"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(OVERWRITE_CASES))
+def test_an_output_that_is_an_input_is_refused(tmp_path: Path, case: str) -> None:
+    args, role = OVERWRITE_CASES[case]
+    folder = tmp_path / "in"
+    folder.mkdir()
+    _overwrite_case(folder)
+    before = _snapshot(folder)
+    result = CliRunner().invoke(build_cli(ortq.Toolkit(autoload=False)),
+                                [a.replace("{in}", str(folder)) for a in args])
+    line = _assert_one_line_error(result, r"is (the input|.*a file of the input) " + role)
+    assert "never overwrites a file it reads" in line
+    assert _snapshot(folder) == before, "an input file changed"
+
+
+def test_python_api_and_compat_refuse_an_output_that_is_the_input(tmp_path: Path) -> None:
+    from ortq.api.compat import quantize_static
+
+    model = _tiny(tmp_path)
+    before = model.read_bytes()
+
+    class Reader:
+        def __init__(self) -> None:
+            self._batches = iter([{"x": x[None]} for x in tiny_data(4)["x"]])
+
+        def get_next(self) -> dict | None:
+            return next(self._batches, None)
+
+    with pytest.raises(ortq.ModelError, match="is the input model"):
+        quantize_static(model, model, Reader())
+    with pytest.raises(ortq.ModelError, match="is the input model"):
+        ortq.Toolkit(autoload=False).quantize(model, tmp_path / "." / "model.onnx", calibration_data=tiny_data(8))
+    with pytest.raises(ortq.ModelError, match="is the input model"):
+        ortq.Toolkit(autoload=False).quantize_dynamic(str(model), model)
+    assert model.read_bytes() == before
+
+
+# -- Ctrl-C in the middle of calibration: a real SIGINT to a real process ------------------------------------
+
+_INTERRUPTED = r"""
+import sys
+from pathlib import Path
+
+from ortq.custom_ops import observers
+
+marker, mode, argv = Path(sys.argv[1]), sys.argv[2], sys.argv[3:]
+observe = observers.ObserverSink.observe
+
+
+def observe_and_mark(self, index, values):  # the observers run: calibration is under way
+    if not marker.exists():
+        marker.write_text("started")
+    return observe(self, index, values)
+
+
+observers.ObserverSink.observe = observe_and_mark
+if mode == "cli":
+    from ortq.api.cli import main
+
+    main(argv)
+else:
+    import ortq
+
+    try:
+        ortq.Toolkit(autoload=False).quantize(argv[0], argv[1], calibration_data=argv[2], batch_size=1)
+    except KeyboardInterrupt:
+        print("caught KeyboardInterrupt")
+"""
+
+
+def _slow_calibration(folder: Path) -> tuple[Path, Path]:
+    """A 12-conv model and 2000 single-sample batches: seconds of calibration, interrupted far before the end."""
+    rng = np.random.default_rng(0)
+    nodes, inits, x = [], [], "x"
+    for i in range(12):
+        inits.append(numpy_helper.from_array((rng.standard_normal((8, 8 if i else 3, 3, 3)) * 0.3).astype(np.float32), f"w{i}"))
+        nodes.append(helper.make_node("Conv", [x, f"w{i}"], [f"c{i}"], name=f"conv{i}", pads=[1, 1, 1, 1]))
+        nodes.append(helper.make_node("Relu", [f"c{i}"], [f"r{i}"], name=f"relu{i}"))
+        x = f"r{i}"
+    graph = helper.make_graph(nodes, "slow", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 16, 16])],
+                              [helper.make_tensor_value_info(x, TensorProto.FLOAT, ["N", 8, 16, 16])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 7
+    onnx.save(model, folder / "slow.onnx")
+    np.savez(folder / "calib.npz", x=rng.standard_normal((2000, 3, 16, 16)).astype(np.float32))
+    return folder / "slow.onnx", folder / "calib.npz"
+
+
+def _interrupt(tmp_path: Path, mode: str, args: list[str]) -> subprocess.CompletedProcess:
+    import signal
+    import time
+
+    marker = tmp_path / "started"
+    env = {**os.environ, "ORTQ_DISABLE_PLUGIN_AUTOLOAD": "1"}
+    child = subprocess.Popen([sys.executable, "-c", _INTERRUPTED, str(marker), mode, *args], env=env, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not marker.exists() and child.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert marker.exists(), "calibration never started"
+    time.sleep(0.2)  # well inside the observed session's runs
+    child.send_signal(signal.SIGINT)
+    out, err = child.communicate(timeout=120)
+    return subprocess.CompletedProcess(child.args, child.returncode, out, err)
+
+
+@pytest.mark.subprocess
+@pytest.mark.parametrize("command", ["quantize", "calibrate"])
+def test_ctrl_c_during_calibration_aborts_cleanly(tmp_path: Path, command: str) -> None:
+    """Before: SIGABRT (exit 134, pybind11::error_already_set) from inside onnxruntime-extensions' op wrapper."""
+    inputs, out_dir = tmp_path / "in", tmp_path / "out"
+    inputs.mkdir()
+    out_dir.mkdir()
+    (out_dir / "previous.onnx").write_bytes(b"an earlier result that must survive")
+    model, data = _slow_calibration(inputs)
+    before_in, before_out = _snapshot(inputs), _snapshot(out_dir)
+    output = out_dir / ("previous.onnx" if command == "quantize" else "state.json")
+    done = _interrupt(tmp_path, "cli", [command, str(model), "-d", str(data), "-o", str(output), "--batch-size", "1"])
+    assert done.returncode == 130, (done.returncode, done.stderr[-2000:])
+    assert done.stderr.strip() == "Aborted!", done.stderr[-2000:]
+    assert _snapshot(out_dir) == before_out and _snapshot(inputs) == before_in
+
+
+@pytest.mark.subprocess
+def test_ctrl_c_during_calibration_is_a_catchable_keyboard_interrupt(tmp_path: Path) -> None:
+    model, data = _slow_calibration(tmp_path)
+    done = _interrupt(tmp_path, "api", [str(model), str(tmp_path / "q.onnx"), str(data)])
+    assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
+    assert done.stdout.strip() == "caught KeyboardInterrupt"
+    assert not (tmp_path / "q.onnx").exists() and not list(tmp_path.glob(".*.tmp"))
+
+
+# -- a third-party plugin that raises at import --------------------------------------------------------------
+
+
+def _broken_distribution(folder: Path) -> None:
+    """An installed distribution whose ``ortq`` entry point raises when imported."""
+    dist = folder / "broken_demo-1.0.dist-info"
+    dist.mkdir(parents=True)
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: broken-demo\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[ortq]\nbroken_demo = broken_demo_plugin\n")
+    (folder / "broken_demo_plugin.py").write_text('raise RuntimeError("this plugin is broken")\n')
+
+
+@pytest.fixture
+def broken_plugin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _broken_distribution(tmp_path / "site")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.delenv("ORTQ_DISABLE_PLUGIN_AUTOLOAD", raising=False)
+    monkeypatch.setenv("ORTQ_PLUGINS", "broken_demo")  # whatever else is installed stays out of the test
+
+
+def _main(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    from ortq.api.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(args)
+    captured = capsys.readouterr()
+    return info.value.code or 0, captured.out, captured.err
+
+
+@pytest.mark.usefixtures("broken_plugin")
+def test_a_broken_plugin_is_listed_by_help_plugins_and_info(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    error = "plugin 'broken_demo' (entry point broken_demo_plugin from broken-demo 1.0) failed to load: " \
+            "RuntimeError('this plugin is broken')"
+    code, out, err = _main(["--help"], capsys)
+    assert code == 0 and "broken_demo" in out and "this plugin is broken" in out and "--no-plugin" in out, out + err
+    code, out, err = _main(["plugins"], capsys)
+    assert code == 0 and f"  error: {error}" in out and "targets: cpu" in out, out + err
+    model = _tiny(tmp_path)
+    code, out, err = _main(["info", str(model)], capsys)
+    assert code == 0 and error in out and "target cpu:" in out, out + err
+
+
+@pytest.mark.usefixtures("broken_plugin")
+def test_commands_work_around_a_broken_plugin_and_say_so_once(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    model, data = _tiny(tmp_path), _npz(tmp_path, **tiny_data(8))
+    code, out, err = _main(["quantize", str(model), "-o", str(tmp_path / "q.onnx"), "-d", str(data)], capsys)
+    assert code == 0 and (tmp_path / "q.onnx").is_file(), out + err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert "broken_demo" in lines[0] and "--no-plugin broken_demo" in lines[0]
+    assert "ORTQ_DISABLE_PLUGIN_AUTOLOAD=1" in lines[0]
+    code, out, err = _main(["--no-plugin", "broken_demo", "quantize", str(model), "-o", str(tmp_path / "q2.onnx"),
+                            "-d", str(data)], capsys)
+    assert code == 0 and err == "", err
+    code, out, err = _main(["--no-plugin", "broken_demo", "plugins"], capsys)
+    assert code == 0 and "broken_demo" not in out
+
+
+@pytest.mark.usefixtures("broken_plugin")
+def test_the_python_api_still_raises_on_a_broken_plugin() -> None:
+    with pytest.raises(ortq.PluginError, match="broken_demo.*this plugin is broken"):
+        ortq.Toolkit()
+    assert "broken_demo" in ortq.Toolkit(on_plugin_error="skip").plugin_info
