@@ -137,3 +137,55 @@ def test_without_ray_nothing_imports_it_and_the_option_says_how_to_install(monke
     monkeypatch.setitem(sys.modules, "ray", None)  # what an environment without the extra sees
     with pytest.raises(ConfigError, match=r"pip install 'ortq\[ray\]'"):
         import_ray()
+
+
+def test_ray_evaluation_equals_one_process(local_ray, tmp_path):
+    """Shards scored on workers, metrics merged in shard order: one process's report, labels included."""
+    toolkit = ortq.Toolkit(autoload=False)
+    model = tiny_cnn()
+    quantized = toolkit.quantize(model, calibration_data=tiny_data(16)).model
+    rng = np.random.default_rng(5)
+    parts = []
+    for i, n in enumerate([5, 8, 3]):
+        data = tiny_data(n, seed=20 + i)
+        data["label"] = rng.integers(0, 5, n)
+        np.savez(tmp_path / f"eval{i}.npz", **data)
+        parts.append(data)
+    whole = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+    metrics = ["top1", "accuracy", "sqnr", "cosine"]
+    local = toolkit.evaluate(model, quantized, whole, labels="label", metrics=metrics, latency_runs=0)
+    shards = [tmp_path / f"eval{i}.npz" for i in range(3)]
+    seen = []
+    remote = toolkit.evaluate(model, quantized, shards, labels="label", metrics=metrics, latency_runs=0,
+                              ray=True, ray_workers=2, progress=lambda d, t: seen.append(d))
+    assert remote.samples == local.samples == 16 and seen == [1, 2, 3]
+    for a, b in zip(remote.metrics, local.metrics):
+        assert (a.label, a.float_value) == (b.label, pytest.approx(b.float_value, rel=1e-12))
+        assert a.quantized_value == pytest.approx(b.quantized_value, rel=1e-9)
+
+
+def test_ray_evaluation_refuses_a_metric_that_cannot_merge(local_ray, tmp_path):
+    class Median(ortq.Metric):
+        name = "median_error"
+
+        def reset(self):
+            self.values = []
+
+        def update(self, reference, candidate, labels=None):
+            self.values.append(float(np.median(np.abs(self.select(reference) - self.select(candidate)))))
+
+        def result(self):
+            return float(np.median(self.values))
+
+    class Plugin:
+        @ortq.hookimpl
+        def ortq_register_metrics(self, register):
+            register(Median)
+
+    toolkit = ortq.Toolkit([Plugin()], autoload=False)
+    model = tiny_cnn()
+    quantized = toolkit.quantize(model, calibration_data=tiny_data(8)).model
+    np.savez(tmp_path / "a.npz", **tiny_data(4))
+    with pytest.raises(ConfigError, match="median_error.*cannot combine"):
+        toolkit.evaluate(model, quantized, [tmp_path / "a.npz", tmp_path / "a.npz"], metrics=["median_error"],
+                         latency_runs=0, ray=True, ray_workers=1)

@@ -506,6 +506,7 @@ def build_cli(toolkit: Toolkit) -> click.Group:
                   help="Timed batch-1 runs per model, interleaved (0: skip latency).")
     @click.option("--provider", multiple=True, metavar="NAME", help="ONNX Runtime execution provider; repeatable.")
     @click.option("--intra-op-threads", type=click.IntRange(min=0), default=1, show_default=True)
+    @_ray_flags
     @_image_flags
     def evaluate(float_model: Path, quantized_model: Path, data: Path, labels: str | None, metric_specs: tuple[str, ...],
                  json_path: Path | None, batch_size: int | None, max_samples: int | None, latency_runs: int | None,
@@ -518,12 +519,19 @@ def build_cli(toolkit: Toolkit) -> click.Group:
 
         _outputs_first([json_path], {"float model": float_model, "quantized model": quantized_model, "data": data,
                                      "labels": labels}, models=(float_model, quantized_model))
-        report = toolkit.evaluate(
-            float_model, quantized_model, data, labels=labels, metrics=list(metric_specs) or None,
-            batch_size=batch_size, max_samples=max_samples, providers=list(provider) or None,
+        on_ray = _ray_call(image_flags.pop("ray_address"), image_flags.pop("ray_workers"))
+        if on_ray and max_samples is not None:
+            raise click.UsageError("--max-samples cannot be honoured across shards with --ray; choose the shards")
+        options = dict(
+            labels=labels, metrics=list(metric_specs) or None, batch_size=batch_size, providers=list(provider) or None,
             latency_runs=DEFAULT_LATENCY_RUNS if latency_runs is None else latency_runs,
-            intra_op_threads=intra_op_threads, image_options=_make_image_options(**image_flags),
+            intra_op_threads=intra_op_threads,
         )
+        if on_ray:
+            report = toolkit.evaluate(float_model, quantized_model, data, **on_ray, **options)
+        else:
+            report = toolkit.evaluate(float_model, quantized_model, data, max_samples=max_samples,
+                                      image_options=_make_image_options(**image_flags), **options)
         text = json.dumps(report.to_dict(), indent=2, allow_nan=False)
         if str(json_path) == "-":
             click.echo(text)

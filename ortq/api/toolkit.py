@@ -12,7 +12,7 @@ from typing import Any
 from ortq.host.plugin_host import PluginHost
 from ortq.pipeline.run import calibrate, plan_only, quantize, quantize_dynamic
 from ortq.tools.accuracy_driven import quantize_to_target
-from ortq.tools.distributed import calibrate_on_ray, quantize_on_ray
+from ortq.tools.distributed import calibrate_on_ray, evaluate_on_ray, quantize_on_ray
 from ortq.tools.evaluate import EvaluationReport, evaluate
 from ortq.tools.qat import quantize_qat
 
@@ -67,8 +67,16 @@ class Toolkit(PluginHost):
             )
         return calibrate(self, model, calibration_data, **options)
 
-    def evaluate(self, float_model: Any, quantized_model: Any, data: Any, **options: Any) -> EvaluationReport:
-        """Score both models on ``data`` with metric plugins; see :func:`ortq.tools.evaluate.evaluate`."""
+    def evaluate(self, float_model: Any, quantized_model: Any, data: Any, *, ray: bool | str = False,
+                 ray_workers: int | None = None, **options: Any) -> EvaluationReport:
+        """Score both models on ``data`` with metric plugins; see :func:`ortq.tools.evaluate.evaluate`.
+
+        ``ray`` as in :meth:`quantize`: the shards of ``data`` are scored on a Ray cluster
+        (:func:`ortq.tools.distributed.evaluate_on_ray`).
+        """
+        if ray:
+            return evaluate_on_ray(self, float_model, quantized_model, data, address=None if ray is True else ray,
+                                   workers=ray_workers, **options)
         return evaluate(self, float_model, quantized_model, data, **options)
 
     def plan(self, model: Any, **options: Any):  # noqa: ANN201

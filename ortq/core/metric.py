@@ -59,6 +59,14 @@ class Metric:
         """The score over every batch seen since the last reset."""
         raise NotImplementedError
 
+    def merge(self, other: "Metric") -> None:
+        """Fold in what ``other`` (same class and options) saw, as if this metric had seen those batches too.
+
+        Lets an evaluation split over workers (``ortq evaluate --ray``) combine its shards. Running sums
+        merge by adding them; a metric that cannot be combined keeps this default and is refused there.
+        """
+        raise ConfigError(f"metric {self.name!r} cannot combine results from several workers (it defines no merge())")
+
     # -- helpers for subclasses ---------------------------------------------------------------------
     def select(self, outputs: Mapping[str, np.ndarray]) -> np.ndarray:
         """The output this metric scores: ``output=`` if given, else the first one (the model's order)."""
@@ -106,6 +114,10 @@ class MeanMetric(Metric):
 
     def result(self) -> float:
         return self.total / self.count if self.count else float("nan")
+
+    def merge(self, other: "Metric") -> None:
+        self.total += other.total
+        self.count += other.count
 
 
 def class_scores(array: np.ndarray, metric: str, output: str) -> np.ndarray:

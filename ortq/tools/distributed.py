@@ -21,6 +21,7 @@ asked for.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from dataclasses import dataclass
@@ -28,12 +29,13 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 from ortq.core.errors import CalibrationDataError, CalibrationError, ConfigError
+from ortq.core.metric import Metric
 from ortq.host.plugin_host import PluginHost
 from ortq.io.state import CalibrationState
 from ortq.core.report import QuantizationResult
 from ortq.pipeline.run import SCHEME_OPTIONS, CalibrationJob, calibration_job, quantize
 
-__all__ = ["Shard", "calibrate_on_ray", "quantize_on_ray", "shards_of", "import_ray", "RAY_INSTALL_HINT"]
+__all__ = ["Shard", "calibrate_on_ray", "quantize_on_ray", "evaluate_on_ray", "shards_of", "import_ray", "RAY_INSTALL_HINT"]
 
 log = logging.getLogger(__name__)
 
@@ -100,8 +102,7 @@ class _CalibrationWorker:
     """A Ray actor: the observed session, built once, calibrating one shard per call."""
 
     def __init__(
-        self, model_bytes: bytes, tensors: list[str], calibrator: str, calibrator_options: dict[str, Any],
-        fingerprint: str, graph_name: str, providers: Sequence[Any] | None,
+        self, model_bytes: bytes, job: CalibrationJob, calibrator: Any, providers: Sequence[Any] | None,
     ) -> None:
         import onnx
 
@@ -110,12 +111,11 @@ class _CalibrationWorker:
         from ortq.pipeline.calibrate import ObservedSession
 
         model = onnx.load_from_string(model_bytes)
-        host = PluginHost()  # the worker's own plugins: built-ins and what its environment installs
-        self._job = CalibrationJob(model, tensors, calibrator, calibrator_options, fingerprint, graph_name)
+        self._job = CalibrationJob(model, job.tensors, job.calibrator, job.calibrator_options, job.fingerprint,
+                                   job.graph_name)
         self._inputs = model_inputs(model)
-        self._session = ObservedSession(
-            model, GraphIndex(model), tensors, host.calibrator(calibrator, **calibrator_options), providers=providers
-        )
+        # The driver's calibrator object, so a plugin given to the driver's Toolkit works on workers too.
+        self._session = ObservedSession(model, GraphIndex(model), job.tensors, calibrator, providers=providers)
 
     def observe(self, shard: Shard, batch_size: int | None) -> CalibrationState:
         from ortq.io.data import iter_batches
@@ -174,7 +174,8 @@ def calibrate_on_ray(
     try:
         count = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
         shards = shards_of(data, count)
-        return _run(ray, job, shards, min(count, len(shards)), batch_size, providers, retries, progress)
+        calibrator = host.calibrator(job.calibrator, **job.calibrator_options)
+        return _run(ray, job, calibrator, shards, min(count, len(shards)), batch_size, providers, retries, progress)
     finally:
         if started_here:
             ray.shutdown()
@@ -219,27 +220,44 @@ def quantize_on_ray(
 
 
 def _run(
-    ray: Any, job: CalibrationJob, shards: list[Shard], workers: int, batch_size: int | None,
+    ray: Any, job: CalibrationJob, calibrator: Any, shards: list[Shard], workers: int, batch_size: int | None,
     providers: Sequence[Any] | None, retries: int, progress: Callable[[int, int], None] | None,
 ) -> CalibrationState:
+    model_ref = ray.put(job.model.SerializeToString())  # the model crosses the network once per worker
+    import dataclasses
+
+    import onnx
+
+    light = dataclasses.replace(job, model=onnx.ModelProto())  # the weights travel once, through model_ref
+    actor = ray.remote(num_cpus=1, max_restarts=retries, max_task_retries=retries)(_CalibrationWorker)
+    pool = [actor.remote(model_ref, light, calibrator, list(providers) if providers else None) for _ in range(workers)]
+    merged: list[CalibrationState] = []
+
+    def fold(_: int, state: CalibrationState) -> None:  # exact, so arrival order does not matter
+        if merged:
+            merged[0].merge(state)
+        else:
+            merged.append(state)
+
+    _dispatch(ray, pool, shards, lambda worker, shard: worker.observe.options(retry_exceptions=True).remote(shard, batch_size),
+              fold, "calibration", retries, progress)
+    return merged[0]
+
+
+def _dispatch(
+    ray: Any, pool: list[Any], shards: list[Shard], call: Callable[[Any, Shard], Any],
+    on_result: Callable[[int, Any], None], what: str, retries: int, progress: Callable[[int, int], None] | None,
+) -> None:
+    """Keep every worker busy with the next shard; hand each result over as it arrives; kill the pool."""
     from ray.exceptions import RayError, RayTaskError
 
-    model_ref = ray.put(job.model.SerializeToString())  # the model crosses the network once per worker
-    actor = ray.remote(num_cpus=1, max_restarts=retries, max_task_retries=retries)(_CalibrationWorker)
-    pool = [
-        actor.remote(model_ref, job.tensors, job.calibrator, job.calibrator_options, job.fingerprint,
-                     job.graph_name, list(providers) if providers else None)
-        for _ in range(workers)
-    ]
-    pending: dict[Any, tuple[Shard, Any]] = {}
-    queue = list(shards)
-    merged: CalibrationState | None = None
+    pending: dict[Any, tuple[int, Any]] = {}
+    queue = list(enumerate(shards))
     done = 0
 
     def submit(worker: Any) -> None:
-        shard = queue.pop(0)
-        ref = worker.observe.options(retry_exceptions=True).remote(shard, batch_size)
-        pending[ref] = (shard, worker)
+        index, shard = queue.pop(0)
+        pending[call(worker, shard)] = (index, worker)
 
     try:
         for worker in pool:
@@ -247,15 +265,16 @@ def _run(
                 submit(worker)
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)
-            shard, worker = pending.pop(ready[0])
+            index, worker = pending.pop(ready[0])
+            name = shards[index].name
             try:
-                state = ray.get(ready[0])
+                result = ray.get(ready[0])
             except RayTaskError as exc:
                 cause = exc.as_instanceof_cause() if hasattr(exc, "as_instanceof_cause") else exc
-                raise CalibrationError(f"calibration shard {shard.name} failed after {retries} retries: {_first_line(cause)}") from None
+                raise CalibrationError(f"{what} shard {name} failed after {retries} retries: {_first_line(cause)}") from None
             except RayError as exc:
-                raise CalibrationError(f"calibration shard {shard.name}: its worker was lost: {_first_line(exc)}") from None
-            merged = state if merged is None else merged.merge(state)
+                raise CalibrationError(f"{what} shard {name}: its worker was lost: {_first_line(exc)}") from None
+            on_result(index, result)
             done += 1
             if progress is not None:
                 progress(done, len(shards))
@@ -264,8 +283,121 @@ def _run(
     finally:
         for worker in pool:
             ray.kill(worker)
-    assert merged is not None  # shards_of never returns an empty list
-    return merged
+
+
+class _EvaluationWorker:
+    """A Ray actor: both models' sessions, built once, scoring one shard per call with fresh metrics."""
+
+    def __init__(self, float_bytes: bytes, quant_bytes: bytes, pairs: list[Any], names: tuple[str, str],
+                 providers: Sequence[Any] | None, threads: int) -> None:
+        import onnx
+
+        from ortq.io.data import model_inputs
+        from ortq.tools.evaluate import ModelPair, model_session
+
+        float_model, quant_model = onnx.load_from_string(float_bytes), onnx.load_from_string(quant_bytes)
+        self._pairs = pairs  # the driver's fresh metric objects: its plugins' metrics work here too
+        self._inputs = model_inputs(float_model)
+        self._models = ModelPair(
+            model_session(float_model, names[0], providers, threads), model_session(quant_model, names[1], providers, threads),
+            [o.name for o in float_model.graph.output], *names,
+        )
+
+    def score(self, shard: Shard, labels: str | None, batch_size: int | None) -> Any:
+        from ortq.io.data import iter_batches
+        from ortq.tools.evaluate import resolve_labels, score_batches
+
+        label_array, source = resolve_labels(labels, shard.source) if labels is not None else (None, shard.source)
+        trim = not any(spec.shape and spec.shape[0] is not None for spec in self._inputs)
+        scored = score_batches(self._models, iter_batches(source, self._inputs, batch_size), copy.deepcopy(self._pairs),
+                               label_array, None, trim)
+        if label_array is not None and scored.samples != len(label_array):
+            raise ConfigError(f"{shard.name}: labels hold {len(label_array)} entries, the data {scored.samples} sample(s)")
+        scored.first_feed = None  # scores travel back, never activations
+        return scored
+
+
+def evaluate_on_ray(
+    host: PluginHost,
+    float_model: Any,
+    quantized_model: Any,
+    data: Any,
+    *,
+    labels: str | None = None,
+    metrics: Sequence[Any] | None = None,
+    batch_size: int | None = None,
+    providers: Sequence[Any] | None = None,
+    latency_runs: int | None = None,
+    intra_op_threads: int = 1,
+    address: str | None = None,
+    workers: int | None = None,
+    retries: int = DEFAULT_RETRIES,
+    progress: Callable[[int, int], None] | None = None,
+) -> Any:
+    """:func:`ortq.tools.evaluate.evaluate` with the shards of ``data`` scored on Ray workers.
+
+    Metrics are merged in shard order (:meth:`ortq.core.metric.Metric.merge`), so the result is the same
+    whatever order the shards finish in, and equals one process's up to floating-point summation order.
+    ``labels`` must name an array inside each shard (a label file cannot be split across shards). Sizes
+    and latency are measured here, on the first shard's first sample, as :func:`evaluate` does.
+    """
+    from ortq.io.data import iter_batches, model_inputs
+    from ortq.io.model_io import read_model
+    from ortq.tools.evaluate import (
+        DEFAULT_LATENCY_RUNS, EvaluationReport, ModelPair, Scored, default_metrics, check_same_interface,
+        finish_report, make_metric_pairs, model_session,
+    )
+
+    if labels is not None and not isinstance(labels, str):
+        raise ConfigError("with Ray, labels must be the name of an array inside each shard")
+    ray = import_ray()
+    float_loaded, quant_loaded = read_model(float_model), read_model(quantized_model)
+    names = (str(float_model) if isinstance(float_model, (str, os.PathLike)) else "float model",
+             str(quantized_model) if isinstance(quantized_model, (str, os.PathLike)) else "quantized model")
+    check_same_interface(float_loaded.model, quant_loaded.model, *names)
+    specs = list(metrics) if metrics is not None else default_metrics(float_loaded.model, labels is not None)
+    pairs = make_metric_pairs(host, specs)  # unknown metrics and bad options fail here, not on a worker
+    needing = [label for label, metric, _ in pairs if metric.needs_labels]
+    if needing and labels is None:
+        raise ConfigError(f"metric(s) {needing} compare with labels; name the label array inside the shards")
+    unmergeable = [label for label, metric, _ in pairs if type(metric).merge is Metric.merge]
+    if unmergeable:
+        raise ConfigError(f"metric(s) {unmergeable} cannot combine results from several workers (no merge()); "
+                          "evaluate without --ray")
+    started_here = not ray.is_initialized()
+    if started_here:
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        count = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
+        shards = shards_of(data, count)
+        refs = (ray.put(float_loaded.model.SerializeToString()), ray.put(quant_loaded.model.SerializeToString()))
+        actor = ray.remote(num_cpus=1, max_restarts=retries, max_task_retries=retries)(_EvaluationWorker)
+        pool = [actor.remote(*refs, pairs, names, list(providers) if providers else None, intra_op_threads)
+                for _ in range(min(count, len(shards)))]
+        results: dict[int, Scored] = {}
+        _dispatch(ray, pool, shards,
+                  lambda worker, shard: worker.score.options(retry_exceptions=True).remote(shard, labels, batch_size),
+                  results.__setitem__, "evaluation", retries, progress)
+    finally:
+        if started_here:
+            ray.shutdown()
+    scored = Scored(make_metric_pairs(host, specs))
+    for index in sorted(results):
+        scored.merge(results[index])
+    inputs = model_inputs(float_loaded.model)
+    sessions = ModelPair(model_session(float_loaded.model, names[0], providers, intra_op_threads),
+                         model_session(quant_loaded.model, names[1], providers, intra_op_threads),
+                         [o.name for o in float_loaded.model.graph.output], *names)
+    first_source = shards[0].source
+    if not _is_ray_dataset(first_source):
+        from ortq.tools.evaluate import resolve_labels
+
+        _, first_source = resolve_labels(labels, first_source) if labels is not None else (None, first_source)
+        scored.first_feed = next(iter(iter_batches(first_source, inputs, batch_size)), None)
+    trim = not any(spec.shape and spec.shape[0] is not None for spec in inputs)
+    report = EvaluationReport(names[0], names[1], intra_op_threads=intra_op_threads)
+    runs = DEFAULT_LATENCY_RUNS if latency_runs is None else latency_runs
+    return finish_report(report, scored, float_loaded, quant_loaded, sessions, runs, trim)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -32,7 +32,8 @@ if TYPE_CHECKING:
     from ortq.host.plugin_host import PluginHost
 
 __all__ = [
-    "evaluate", "EvaluationReport", "MetricResult", "MetricSpec", "parse_metric_spec",
+    "evaluate", "EvaluationReport", "MetricResult", "MetricSpec", "parse_metric_spec", "ModelPair", "Scored",
+    "score_batches", "finish_report", "make_metric_pairs", "check_same_interface", "model_session",
     "DEFAULT_METRICS", "DEFAULT_LATENCY_RUNS",
 ]
 
@@ -175,45 +176,102 @@ def evaluate(
         raise ConfigError(f"latency_runs must be 0 or more, got {latency_runs}")
     float_loaded, quant_loaded = read_model(float_model), read_model(quantized_model)
     float_name, quant_name = _describe_model(float_model), _describe_model(quantized_model)
-    inputs = _check_same_interface(float_loaded.model, quant_loaded.model, float_name, quant_name)
+    inputs = check_same_interface(float_loaded.model, quant_loaded.model, float_name, quant_name)
     output_names = [o.name for o in float_loaded.model.graph.output]
 
     label_array, data = resolve_labels(labels, data)
-    specs = list(metrics) if metrics is not None else _default_metrics(float_loaded.model, label_array is not None)
+    specs = list(metrics) if metrics is not None else default_metrics(float_loaded.model, label_array is not None)
     if not specs:
         raise ConfigError("no metrics to evaluate")
-    pairs = [_make_metric_pair(toolkit, spec) for spec in specs]
+    pairs = make_metric_pairs(toolkit, specs)
     needing = [label for label, metric, _ in pairs if metric.needs_labels]
     if needing and label_array is None:
         raise ConfigError(f"metric(s) {needing} compare with labels; pass labels (--labels FILE or an array name in the data)")
 
-    float_session = _session(float_loaded.model, float_name, providers, intra_op_threads)
-    quant_session = _session(quant_loaded.model, quant_name, providers, intra_op_threads)
+    float_session = model_session(float_loaded.model, float_name, providers, intra_op_threads)
+    quant_session = model_session(quant_loaded.model, quant_name, providers, intra_op_threads)
     report = EvaluationReport(float_name, quant_name, intra_op_threads=intra_op_threads)
     trim = not any(spec.shape and spec.shape[0] is not None for spec in inputs)
+    models = ModelPair(float_session, quant_session, output_names, float_name, quant_name)
+    scored = score_batches(
+        models, iter_batches(data, inputs, batch_size, max_samples, image_options), pairs, label_array, max_samples, trim,
+    )
+    if label_array is not None and scored.exhausted and scored.samples != len(label_array):
+        raise ConfigError(f"labels hold {len(label_array)} entries, the data {scored.samples} sample(s); they must match")
+    return finish_report(report, scored, float_loaded, quant_loaded, models, latency_runs, trim)
+
+
+@dataclass
+class ModelPair:
+    """The float and the quantized model's sessions, read side by side on the same feeds."""
+
+    float_session: Any
+    quant_session: Any
+    output_names: list[str]
+    float_name: str
+    quant_name: str
+
+
+@dataclass
+class Scored:
+    """Metric pairs fed with some batches: one process's evaluation, or one shard's on a worker.
+
+    Metrics keep running sums, so two ``Scored`` of disjoint data merge into the ``Scored`` of both
+    (:meth:`merge`, through :meth:`ortq.core.metric.Metric.merge`).
+    """
+
+    pairs: list[tuple[str, Metric, Metric]]
+    samples: int = 0
+    batches: int = 0
     first_feed: dict[str, np.ndarray] | None = None
-    exhausted = True
-    for feed in iter_batches(data, inputs, batch_size, max_samples, image_options):
+    exhausted: bool = True
+
+    def merge(self, other: "Scored") -> "Scored":
+        for (_, float_metric, quant_metric), (_, other_float, other_quant) in zip(self.pairs, other.pairs):
+            float_metric.merge(other_float)
+            quant_metric.merge(other_quant)
+        self.samples += other.samples
+        self.batches += other.batches
+        self.first_feed = self.first_feed if self.first_feed is not None else other.first_feed
+        return self
+
+
+def score_batches(
+    models: ModelPair,
+    batches: Any,
+    pairs: list[tuple[str, Metric, Metric]],
+    label_array: np.ndarray | None = None,
+    max_samples: int | None = None,
+    trim: bool = True,
+) -> Scored:
+    """Run both models on every batch and feed each metric pair (float baseline, quantized model)."""
+    scored = Scored(pairs)
+    for feed in batches:
         count = feed_samples(feed)
-        if max_samples is not None and trim and report.samples + count > max_samples:
-            count = max_samples - report.samples
+        if max_samples is not None and trim and scored.samples + count > max_samples:
+            count = max_samples - scored.samples
             feed = {name: value[:count] for name, value in feed.items()}
-        batch_labels = _batch_labels(label_array, report.samples, count)
-        reference = _run(float_session, output_names, feed, float_name, report.batches)
-        candidate = _run(quant_session, output_names, feed, quant_name, report.batches)
+        batch_labels = _batch_labels(label_array, scored.samples, count)
+        reference = _run(models.float_session, models.output_names, feed, models.float_name, scored.batches)
+        candidate = _run(models.quant_session, models.output_names, feed, models.quant_name, scored.batches)
         for _, float_metric, quant_metric in pairs:
             float_metric.update(reference, reference, batch_labels)
             quant_metric.update(reference, candidate, batch_labels)
-        if first_feed is None:
-            first_feed = feed
-        report.samples += count
-        report.batches += 1
-        if max_samples is not None and report.samples >= max_samples:
-            exhausted = False
+        if scored.first_feed is None:
+            scored.first_feed = feed
+        scored.samples += count
+        scored.batches += 1
+        if max_samples is not None and scored.samples >= max_samples:
+            scored.exhausted = False
             break
-    if label_array is not None and exhausted and report.samples != len(label_array):
-        raise ConfigError(f"labels hold {len(label_array)} entries, the data {report.samples} sample(s); they must match")
+    return scored
 
+
+def finish_report(report: EvaluationReport, scored: Scored, float_loaded: LoadedModel, quant_loaded: LoadedModel,
+                  sessions: ModelPair, latency_runs: int, trim: bool) -> EvaluationReport:
+    """The report's metrics from ``scored``, sizes from the models, and latency on the first feed."""
+    report.samples, report.batches = scored.samples, scored.batches
+    pairs, first_feed = scored.pairs, scored.first_feed
     for label, float_metric, quant_metric in pairs:
         report.metrics.append(MetricResult(
             float_metric.name, label, float(float_metric.result()), float(quant_metric.result()),
@@ -224,10 +282,10 @@ def evaluate(
         feed = {name: value[:1] for name, value in first_feed.items()} if trim else first_feed
         report.latency_batch = feed_samples(feed)
         report.float_latency_ms, report.quantized_latency_ms = _interleaved_latency(
-            float_session, quant_session, output_names, feed, latency_runs
+            sessions.float_session, sessions.quant_session, sessions.output_names, feed, latency_runs
         )
         report.latency_runs = latency_runs
-    log.info("evaluated %s against %s on %d sample(s)", quant_name, float_name, report.samples)
+    log.info("evaluated %s against %s on %d sample(s)", sessions.quant_name, sessions.float_name, report.samples)
     return report
 
 
@@ -246,6 +304,11 @@ def parse_metric_spec(text: str) -> tuple[str, dict[str, str]]:
     return name.strip(), options
 
 
+def make_metric_pairs(toolkit: PluginHost, specs: Sequence[MetricSpec]) -> list[tuple[str, Metric, Metric]]:
+    """(report label, metric for the float baseline, metric for the quantized model) per spec, fresh."""
+    return [_make_metric_pair(toolkit, spec) for spec in specs]
+
+
 def _make_metric_pair(toolkit: PluginHost, spec: MetricSpec) -> tuple[str, Metric, Metric]:
     """(report label, metric for the float baseline, metric for the quantized model)."""
     if isinstance(spec, Metric):
@@ -261,7 +324,7 @@ def _make_metric_pair(toolkit: PluginHost, spec: MetricSpec) -> tuple[str, Metri
     return label, toolkit.metric(name, **options), toolkit.metric(name, **options)
 
 
-def _default_metrics(model: onnx.ModelProto, has_labels: bool) -> list[str]:
+def default_metrics(model: onnx.ModelProto, has_labels: bool) -> list[str]:
     names = list(DEFAULT_METRICS)
     if not _has_class_axis(model.graph.output[0]):
         names.remove("top1")
@@ -336,7 +399,7 @@ def _describe_model(model: Any) -> str:
     return str(model) if isinstance(model, (str, os.PathLike)) else f"<{getattr(model.graph, 'name', '') or 'ModelProto'}>"
 
 
-def _check_same_interface(float_model: onnx.ModelProto, quant_model: onnx.ModelProto,
+def check_same_interface(float_model: onnx.ModelProto, quant_model: onnx.ModelProto,
                           float_name: str, quant_name: str) -> list[InputSpec]:
     """Both models must take the same feeds and name the same outputs, or the comparison means nothing."""
     float_inputs, quant_inputs = model_inputs(float_model), model_inputs(quant_model)
@@ -357,7 +420,7 @@ def _signature(inputs: Mapping[str, np.dtype]) -> str:
     return "{" + ", ".join(f"{name}: {dtype}" for name, dtype in sorted(inputs.items())) + "}"
 
 
-def _session(model: onnx.ModelProto, name: str, providers: Sequence[Any] | None, threads: int) -> Any:
+def model_session(model: onnx.ModelProto, name: str, providers: Sequence[Any] | None, threads: int) -> Any:
     from ortq.pipeline.verify import make_session
 
     try:

@@ -86,6 +86,11 @@ class Sqnr(Metric):
     def result(self) -> float:
         return sqnr_from_sums(self.signal, self.noise) if self.count else float("nan")
 
+    def merge(self, other: Metric) -> None:
+        self.signal += other.signal
+        self.noise += other.noise
+        self.count += other.count
+
 
 @hookimpl
 def ortq_register_metrics(register) -> None:  # noqa: ANN001 - see ortq.core.hookspecs
