@@ -45,8 +45,12 @@ class Case:
     graph order) of the float and of the quantized model, and returns named metrics, the headline metric
     first. It may close over ground-truth labels; metrics against ground truth are then also meaningful for
     ``score(float_outputs, float_outputs)``, which gives the float row of the table.
-    Optional hints, applied to every quantizer that has the notion:
-      ``nodes_to_exclude``: node names left float by all tools;
+    ``--small`` keeps only a PREFIX of ``evaluation`` (the first 40 samples): a score closing over labels
+    must use ``labels[:len(float_outputs)]``, and the evaluation order should mix the kinds of samples.
+    Optional hints:
+      ``nodes_to_exclude``: node names to leave float; applied only by the "+excl" configs (ortq, ORT; NNCF
+      through ``ignored_scope``), which run only for cases that give such a hint; the plain configs are
+      each tool's own choice;
       ``extra_options``: passed to ONNX Runtime's ``quantize_static(extra_options=...)``;
       ``ortq_options``: extra keyword options for ``ortq.quantize`` (all ortq configs);
       ``transformer``: NNCF gets ``model_type=nncf.ModelType.TRANSFORMER``;
@@ -160,9 +164,17 @@ CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
     "ort-entropy": ("ort", {"calibrate_method": "Entropy"}),
     "nncf-default": ("nncf", {}),
     "nncf-mixed": ("nncf", {"preset": "MIXED"}),
+    # "+excl": the case's nodes_to_exclude hint applied (run only for cases that give one).
+    "ortq-default+excl": ("ortq", {"hints": True}),
+    "ortq-percentile+excl": ("ortq", {"calibrate_method": "percentile", "hints": True}),
+    "ortq-entropy+excl": ("ortq", {"calibrate_method": "entropy", "hints": True}),
+    "ortq-mse+excl": ("ortq", {"calibrate_method": "mse", "hints": True}),
+    "ort-minmax+excl": ("ort", {"calibrate_method": "MinMax", "hints": True}),
+    "ort-percentile+excl": ("ort", {"calibrate_method": "Percentile", "hints": True}),
+    "ort-entropy+excl": ("ort", {"calibrate_method": "Entropy", "hints": True}),
 }
 SMALL_CONFIGS = ["ortq-default", "ortq-percentile", "ortq-entropy", "ort-minmax", "ort-percentile",
-                 "nncf-default"]
+                 "nncf-default", "ortq-entropy+excl", "ort-minmax+excl"]
 
 
 def nncf_available() -> bool:
@@ -178,11 +190,12 @@ def _quantize_ortq(case: Case, out: Path, options: dict[str, Any]) -> dict[str, 
 
     kwargs = dict(case.ortq_options)
     kwargs.update(options)
-    if case.nodes_to_exclude:
+    kwargs.pop("hints", None)
+    if options.get("hints") and case.nodes_to_exclude:
         kwargs["nodes_to_exclude"] = list(case.nodes_to_exclude)
     # verify=False: ortq's own check pass re-runs the model; the other tools do no such pass.
     ortq.quantize(str(case.model_path), str(out), calibration_data=case.calibration, verify=False, **kwargs)
-    return {"ortq_version": getattr(ortq, "__version__", "?")}
+    return {"ortq_version": getattr(ortq, "__version__", "?"), "ortq_file": ortq.__file__}
 
 
 class _Reader:
@@ -210,7 +223,7 @@ def _quantize_ort(case: Case, out: Path, options: dict[str, Any]) -> dict[str, A
         str(case.model_path), str(out), _Reader(case.calibration), quant_format=QuantFormat.QDQ,
         per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
         calibrate_method=getattr(CalibrationMethod, options["calibrate_method"]),
-        nodes_to_exclude=list(case.nodes_to_exclude) or None,
+        nodes_to_exclude=(list(case.nodes_to_exclude) or None) if options.get("hints") else None,
         extra_options=dict(case.extra_options) or None,
     )
     return {"onnxruntime_version": onnxruntime.__version__}
@@ -226,7 +239,7 @@ def _quantize_nncf(case: Case, out: Path, options: dict[str, Any]) -> dict[str, 
         kwargs["preset"] = getattr(nncf.QuantizationPreset, options["preset"])
     if case.transformer:
         kwargs["model_type"] = nncf.ModelType.TRANSFORMER
-    if case.nodes_to_exclude:
+    if options.get("hints") and case.nodes_to_exclude:
         kwargs["ignored_scope"] = nncf.IgnoredScope(names=list(case.nodes_to_exclude))
     q = nncf.quantize(model, nncf.Dataset(case.calibration), **kwargs)
     onnx.save(q, str(out))
@@ -325,7 +338,7 @@ def worker(name: str, config: str, small: bool, runs: int, workdir: Path) -> dic
         "case": name, "config": config, "small": small, "kind": module.KIND, "metric": module.METRIC,
         "model": str(case.model_path), "calibration_samples": len(case.calibration),
         "evaluation_samples": len(case.evaluation), "higher_is_better": case.higher_is_better,
-        "prepare_s": time.perf_counter() - t_import,
+        "prepare_s": time.perf_counter() - t_import, "nodes_to_exclude": list(case.nodes_to_exclude),
     }
     if config == "float":
         model = case.model_path

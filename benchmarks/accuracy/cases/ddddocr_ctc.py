@@ -3,8 +3,10 @@
 Model: ``ddddocr==1.6.1`` from PyPI ships ``ddddocr/common.onnx`` (54 MB, float32, exported from PyTorch):
 a 21-Conv backbone with SiLU (Sigmoid*Mul) activations, one bidirectional LSTM and a Gemm over 8210
 classes, emitting CTC logits ``[T, 1, 8210]`` for a ``[1, 1, 64, W]`` grey image in [0, 1]. The file
-declares its output as ``[1, seqlen]``, which is wrong (ONNX Runtime warns on every run); the cached copy
-only gets that declaration corrected, nothing else. (``common_old.onnx`` in the same wheel is already
+declares its output as ``[1, seqlen]``, which is wrong (ONNX Runtime warns on every run), and has opset 12,
+on which ONNX Runtime's ``quantize_static`` writes per-channel DequantizeLinear nodes with an ``axis`` that
+opset 12 does not have (an invalid model). The cached copy gets the output declaration corrected and is
+converted to opset 17 with ``onnx.version_converter`` (outputs bit-identical); nothing else changes. (``common_old.onnx`` in the same wheel is already
 dynamically quantized, so it is not usable as a float reference.)
 
 Data: captcha-like images rendered here with Pillow: 4-6 characters from ``a-z2-9`` less the ambiguous
@@ -150,10 +152,11 @@ def make_score(texts: list[str], chars: list[str]):  # noqa: ANN201 - the score 
 
 
 def _fixed_model(src: Path, dst: Path) -> None:
-    """Copy ``common.onnx`` with its output declared as ``[T, 1, 8210]`` instead of the wrong ``[1, T]``."""
+    """Copy ``common.onnx`` at opset 17 with its output declared as ``[T, 1, 8210]`` (not ``[1, T]``)."""
     import onnx
+    from onnx import version_converter
 
-    model = onnx.load(str(src))
+    model = version_converter.convert_version(onnx.load(str(src)), 17)
     out = model.graph.output[0]
     out.type.tensor_type.ClearField("shape")
     for d in ("seq_len", 1, 8210):
@@ -171,7 +174,7 @@ def prepare(cache_dir: Path) -> Case:
     root = cache_dir / NAME
     root.mkdir(parents=True, exist_ok=True)
     files = wheel_files(PACKAGE, VERSION, cache_dir)
-    model = root / "common.onnx"
+    model = root / "common.opset17.onnx"
     if not model.exists():
         _fixed_model(files / "ddddocr" / "common.onnx", model)
     chars = charset(files)
