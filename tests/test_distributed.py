@@ -189,3 +189,35 @@ def test_ray_evaluation_refuses_a_metric_that_cannot_merge(local_ray, tmp_path):
     with pytest.raises(ConfigError, match="median_error.*cannot combine"):
         toolkit.evaluate(model, quantized, [tmp_path / "a.npz", tmp_path / "a.npz"], metrics=["median_error"],
                          latency_runs=0, ray=True, ray_workers=1)
+
+
+def test_accuracy_driven_ranking_on_ray_equals_the_local_search(local_ray):
+    from models import outlier_channel_cnn
+    from ortq.tools.accuracy_driven import AccuracyTarget, quantize_to_target
+
+    model, calibration, evaluation = outlier_channel_cnn()
+    toolkit = ortq.Toolkit(autoload=False)
+    options = dict(target=AccuracyTarget("sqnr", min_value=30.0), calibration_data=calibration,
+                   eval_data=evaluation, max_rank_trials=6)
+    local = quantize_to_target(toolkit, model, **options)
+    remote = quantize_to_target(toolkit, model, ray=True, ray_workers=2, **options)
+    assert [(u.tensor, u.value) for u in remote.ranking] == [(u.tensor, u.value) for u in local.ranking]
+    assert [k.tensor for k in remote.kept] == [k.tensor for k in local.kept] == ["relu_3_out"]
+    assert remote.final_value == local.final_value and remote.trials == local.trials
+    assert remote.result.model.SerializeToString() == local.result.model.SerializeToString()
+
+
+def test_accuracy_driven_on_ray_refuses_explicit_plugins(local_ray):
+    from models import outlier_channel_cnn
+    from ortq.tools.accuracy_driven import AccuracyTarget, quantize_to_target
+
+    class Extra:
+        @ortq.hookimpl
+        def ortq_register_metrics(self, register):
+            pass
+
+    model, calibration, evaluation = outlier_channel_cnn()
+    toolkit = ortq.Toolkit([Extra()], autoload=False)
+    with pytest.raises(ConfigError, match="plugins given to the Toolkit"):
+        quantize_to_target(toolkit, model, target=AccuracyTarget("sqnr", min_value=30.0), calibration_data=calibration,
+                           eval_data=evaluation, max_rank_trials=2, ray=True)

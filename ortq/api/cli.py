@@ -303,7 +303,7 @@ def build_cli(toolkit: Toolkit) -> click.Group:
         target_spec = _accuracy_target(**{k: image_flags.pop(k) for k in _ACCURACY_FLAGS})
         tensor_overrides = image_flags.pop("tensor_overrides")
         on_ray = _ray_call(image_flags.pop("ray_address"), image_flags.pop("ray_workers"))
-        if on_ray and (mode == "dynamic" or target_spec is not None or calibration_state is not None):
+        if on_ray and (mode == "dynamic" or calibration_state is not None):
             raise click.UsageError("--ray calibrates static quantization from --calibration-data shards")
         if tensor_overrides is not None and (mode == "dynamic" or target_spec is not None):
             raise click.UsageError("--tensor-overrides applies to static quantization without --min-sqnr/--max-drop")
@@ -344,9 +344,10 @@ def build_cli(toolkit: Toolkit) -> click.Group:
             accuracy, eval_data, labels, max_rank_trials, fallback = target_spec
             if calibration_state is not None:
                 raise click.UsageError("--min-sqnr/--max-drop calibrate once themselves; give --calibration-data")
+            on_ray.pop("progress", None)  # the search calibrates locally; its ranking trials run on Ray
             found = toolkit.quantize_to_target(
                 model, output, target=accuracy, calibration_data=calibration_data, eval_data=eval_data,
-                labels=labels, max_rank_trials=max_rank_trials, fallback=fallback, backend=target, **options,
+                labels=labels, max_rank_trials=max_rank_trials, fallback=fallback, backend=target, **on_ray, **options,
             )
             click.echo(found.result.summary())
             click.echo(found.summary())

@@ -258,6 +258,8 @@ def quantize_to_target(
     fallback: str = "float",
     image_options: Any = None,
     providers: Sequence[Any] | None = None,
+    ray: bool | str = False,
+    ray_workers: int | None = None,
     **overrides: Any,
 ) -> AccuracyDrivenResult:
     """Quantize ``model`` statically, keeping the fewest sensitive tensors in float so ``target`` holds.
@@ -267,6 +269,9 @@ def quantize_to_target(
     the evaluation samples. ``fallback`` is what a kept tensor becomes (see :data:`FALLBACKS`). Other options
     are those of :func:`ortq.pipeline.run.quantize`. If no prefix of the ranking meets the target, the best model
     tried is returned with ``met=False`` and a warning.
+
+    ``ray=True`` (or a cluster address) runs the ranking trials, which are independent, as Ray tasks
+    (:func:`ortq.tools.distributed.map_on_ray`); the result is the same as the local search's.
     """
     from ortq.pipeline.run import _prepare
 
@@ -323,8 +328,12 @@ def quantize_to_target(
     if len(units) > max_rank_trials:
         log.info("ranking the %d of %d tensors whose quantizers inject the most noise", max_rank_trials, len(units))
     ranked, unranked = units[:max_rank_trials], units[max_rank_trials:]
-    for unit in ranked:
-        unit.value = scorer.score_model(trials.build([unit]).model)
+    if ray:
+        values = _rank_on_ray(toolkit, model, trials, scorer, ranked, ray, ray_workers)
+    else:
+        values = [scorer.score_model(trials.build([unit]).model) for unit in ranked]
+    for unit, value in zip(ranked, values):
+        unit.value = value
         unit.gain = scorer.better(unit.value, base_value)
     # Gain per cost first (two tensors that both fix the damage: the one costing fewer float nodes);
     # the injected noise breaks ties (a coarse metric such as top-1 agreement on a few samples often scores
@@ -501,6 +510,55 @@ def _evaluation_set(
         starts = np.cumsum([0, *sizes])
         label_batches = [all_labels[a:b] for a, b in zip(starts[:-1], starts[1:])]
     return feeds, reference, label_batches
+
+
+@dataclass
+class _RankingSetup:
+    """What a Ray worker needs to build and score ranking trials: built once per worker (picklable)."""
+
+    model_bytes: bytes
+    trials: _Trials  # its toolkit is replaced on the worker by the worker's own plugin host
+    scorer: _Scorer
+    builtins: bool
+    entry_points: list[str]  # the driver's entry-point plugins, so the worker plans with the same ones
+
+    def __call__(self) -> tuple[_Trials, _Scorer]:
+        from ortq.host.plugin_host import PluginHost
+
+        trials = self.trials
+        trials.toolkit = PluginHost(autoload=bool(self.entry_points), builtins=self.builtins,
+                                    only_entry_points=self.entry_points)
+        trials.source = onnx.load_from_string(self.model_bytes)
+        return trials, self.scorer
+
+
+def _score_one_kept(state: tuple[_Trials, _Scorer], unit: TensorSensitivity) -> float:
+    trials, scorer = state
+    return scorer.score_model(trials.build([unit]).model)
+
+
+def _rank_on_ray(toolkit: PluginHost, model: Any, trials: _Trials, scorer: _Scorer, ranked: list[TensorSensitivity],
+                 ray: bool | str, workers: int | None) -> list[float]:
+    """The ranking trials as Ray tasks. Workers load built-in and installed plugins only, so a toolkit given
+    plugins explicitly is refused rather than ranked with different op quantizers."""
+    import copy
+
+    from ortq.io.model_io import read_model
+    from ortq.tools.distributed import map_on_ray
+
+    explicit = [name for name, info in toolkit.plugin_info.items() if info.source == "explicit"]
+    if explicit:
+        raise ConfigError(f"the accuracy-driven search cannot run on Ray with plugins given to the Toolkit "
+                          f"({', '.join(explicit)}): workers load built-in and installed plugins only")
+    shipped = copy.copy(trials)
+    shipped.toolkit, shipped.source = None, None
+    sources = [info.source for info in toolkit.plugin_info.values()]
+    entry_points = [name for name, info in toolkit.plugin_info.items() if info.source.startswith("entry point")]
+    setup = _RankingSetup(read_model(model).model.SerializeToString(), shipped, scorer, "builtin" in sources, entry_points)
+    values = map_on_ray(setup, _score_one_kept, ranked, [u.tensor for u in ranked],
+                        address=None if ray is True else ray, workers=workers, what="ranking trial")
+    scorer.trials += len(ranked)
+    return values
 
 
 def _preselect(units: list[TensorSensitivity], model: onnx.ModelProto, baseline: QuantizationResult,

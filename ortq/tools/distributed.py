@@ -35,7 +35,10 @@ from ortq.io.state import CalibrationState
 from ortq.core.report import QuantizationResult
 from ortq.pipeline.run import SCHEME_OPTIONS, CalibrationJob, calibration_job, quantize
 
-__all__ = ["Shard", "calibrate_on_ray", "quantize_on_ray", "evaluate_on_ray", "shards_of", "import_ray", "RAY_INSTALL_HINT"]
+__all__ = [
+    "Shard", "calibrate_on_ray", "quantize_on_ray", "evaluate_on_ray", "map_on_ray", "shards_of", "import_ray",
+    "RAY_INSTALL_HINT",
+]
 
 log = logging.getLogger(__name__)
 
@@ -398,6 +401,52 @@ def evaluate_on_ray(
     report = EvaluationReport(names[0], names[1], intra_op_threads=intra_op_threads)
     runs = DEFAULT_LATENCY_RUNS if latency_runs is None else latency_runs
     return finish_report(report, scored, float_loaded, quant_loaded, sessions, runs, trim)
+
+
+class _MapWorker:
+    """A Ray actor holding what ``setup()`` built (a session, a toolkit, an evaluation set), reused per item."""
+
+    def __init__(self, setup: Callable[[], Any]) -> None:
+        self._state = setup()
+
+    def run(self, fn: Callable[[Any, Any], Any], item: Any) -> Any:
+        return fn(self._state, item)
+
+
+def map_on_ray(
+    setup: Callable[[], Any],
+    fn: Callable[[Any, Any], Any],
+    items: Sequence[Any],
+    names: Sequence[str],
+    *,
+    address: str | None = None,
+    workers: int | None = None,
+    retries: int = DEFAULT_RETRIES,
+    progress: Callable[[int, int], None] | None = None,
+    what: str = "trial",
+) -> list[Any]:
+    """``[fn(setup(), item) for item in items]`` on Ray workers, each calling ``setup()`` once; in item order.
+
+    ``setup`` and ``fn`` must be picklable (module-level functions, or objects of importable classes).
+    The independent trials of the accuracy-driven search run through this.
+    """
+    ray = import_ray()
+    started_here = not ray.is_initialized()
+    if started_here:
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        count = min(workers or max(1, int(ray.cluster_resources().get("CPU", 1))), max(1, len(items)))
+        setup_ref, fn_ref = ray.put(setup), ray.put(fn)
+        actor = ray.remote(num_cpus=1, max_restarts=retries, max_task_retries=retries)(_MapWorker)
+        pool = [actor.remote(setup_ref) for _ in range(count)]
+        results: dict[int, Any] = {}
+        shards = [Shard(name, item) for name, item in zip(names, items)]
+        _dispatch(ray, pool, shards, lambda worker, shard: worker.run.options(retry_exceptions=True).remote(fn_ref, shard.source),
+                  results.__setitem__, what, retries, progress)
+        return [results[i] for i in range(len(items))]
+    finally:
+        if started_here:
+            ray.shutdown()
 
 
 def _first_line(exc: BaseException) -> str:
