@@ -1,16 +1,25 @@
-"""The ``esp32`` target: Espressif chips running ESP-DL (``--backend-option chip=esp32|esp32s3|esp32p4``).
+"""The ``esp32`` target: Espressif chips running ESP-DL (``--backend-option chip=esp32|esp32s2|esp32s3|esp32c3|esp32p4``).
 
 ESP-DL quantizes every tensor symmetrically to int8 or int16 with power-of-two scales
 (``real = int * 2**exponent``; its quantization specification, sources in ``chips.py``), so the scheme
 here is ``QuantSpec(int8|int16, symmetric=True, power_of_two=True)`` for activations and weights, weights
-per-channel only where the chip's kernels take per-channel exponents (ESP32-P4, per esp-ppq) and per-tensor
-on ESP32 and ESP32-S3, min/max calibration by default as ESP-DL's ``Calibrator`` (``--calibrate-method
-entropy`` works too), biases at the accumulator's exponent saturated to the chip's bias width.
+per-tensor by default (per-channel on ESP32-P4, per esp-ppq; ``per_channel=True`` asks for it on the v1.1
+chips in int8, as ESP-DL's ``Calibrator('int8', 'per-channel')``), min/max calibration by default as ESP-DL's
+``Calibrator`` (``--calibrate-method entropy`` works too).
+
+Two firmware generations, two outputs (``chips.py`` says what each expects, ``docs/targets.md`` which runs
+where):
+
+* ESP-DL v1.1 (esp32, esp32s2, esp32s3, esp32c3; ``format=cpp``, their default): ``<name>_coefficient.hpp/.cpp``
+  with v1.1's bias types and exponents, and ``<name>_model.hpp``, a ``dl::layer::Model`` subclass that builds
+  the layers and runs them (``codegen.py``);
+* ESP-DL v3 (esp32s3 and esp32p4; ``format=espdl``, P4's default and only choice): a ``.espdl`` model file.
 
 Options (``--backend-option key=value``):
 
-* ``chip``: ``esp32s3`` (default), ``esp32`` or ``esp32p4``;
+* ``chip``: ``esp32s3`` (default), ``esp32``, ``esp32s2``, ``esp32c3`` or ``esp32p4``;
 * ``bits``: ``8`` (default) or ``16``;
+* ``format``: ``cpp`` (ESP-DL v1.1) or ``espdl`` (ESP-DL v3), by chip as above;
 * ``model_name``: the model name used for ``<name>_coefficient.hpp/.cpp`` and ``namespace
   <name>_coefficient`` (default: the output file's name up to its first dot, e.g. ``model`` for
   ``model.esp32.onnx``). Not ``name``: ``Toolkit.backend(name, **options)`` takes that for the target.
@@ -21,7 +30,7 @@ vetoes the shapes ESP-DL has no kernel for (grouped but not depthwise convolutio
 Gemm with scaling or transA, padded average pooling, ...), and ``export`` refuses any node left in float,
 naming it, since the chip has no float path. ``export`` writes the C++ coefficient files (``codegen.py``)
 and a short report; :meth:`Esp32Backend.evaluate` simulates the chip's integer arithmetic on the host
-(``evaluator.py``).
+(``evaluator.py``), with the bias rule of the firmware the output is for.
 
 User options that a shift-only target cannot run (asymmetric or unsigned types) are refused by
 ``check_config`` before any work.
@@ -44,13 +53,14 @@ from ortq.core.op_quantizer import PlanContext
 from ortq.core.scheme import QuantSpec, QuantType
 from ortq.io.model_io import write_file_atomic
 
-from ortq.plugins.backends.esp32.chips import CHIPS, ChipSpec, chip_spec
-from ortq.plugins.backends.esp32.codegen import render, report_text
+from ortq.plugins.backends.esp32.chips import ALL_CHIPS, ChipSpec, V1_CHIPS, V3_CHIPS, chip_spec
+from ortq.plugins.backends.esp32.codegen import render, render_model, report_text
 from ortq.plugins.backends.esp32.evaluator import SUPPORTED_OPS, EvaluationStats, evaluate_qdq
 from ortq.plugins.backends.esp32.optimizer import fold_add_bias, fold_batch_norm, make_batch_dynamic, optimize_for_esp_dl
 from ortq.plugins.backends.esp32.qdq import QdqGraph, c_identifier
 
 if TYPE_CHECKING:
+    from ortq.core.plan import QuantPlan
     from ortq.pipeline.run import QuantizationResult
 
 __all__ = [
@@ -68,15 +78,18 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_CHIPS = tuple(sorted({c for c, _ in CHIPS}))
+_CHIPS = ALL_CHIPS
+FORMATS = {"cpp": "1.1", "espdl": "3"}
 
 
 class Esp32Backend(Backend):
     name = "esp32"
-    description = "Espressif ESP-DL on esp32 / esp32s3 / esp32p4: power-of-two int8/int16, C++ coefficients"
+    description = "Espressif ESP-DL: power-of-two int8/int16, v1.1 C++ coefficients and model class, or v3 .espdl"
     default_op_types = SUPPORTED_OPS
 
-    def __init__(self, chip: str = "esp32s3", bits: int | str = 8, model_name: str | None = None) -> None:
+    def __init__(
+        self, chip: str = "esp32s3", bits: int | str = 8, model_name: str | None = None, format: str | None = None,
+    ) -> None:
         chip = str(chip).lower().replace("-", "")
         if chip not in _CHIPS:
             raise ValueError(f"chip must be one of {', '.join(_CHIPS)}, not {chip!r}")
@@ -84,7 +97,19 @@ class Esp32Backend(Backend):
             bits = int(bits)
         except (TypeError, ValueError):
             raise ValueError(f"bits must be 8 or 16, not {bits!r}") from None
-        self.spec = chip_spec(chip, bits)
+        if format is None:
+            format = "cpp" if chip in V1_CHIPS else "espdl"
+        format = str(format).lower().lstrip(".")
+        if format not in FORMATS:
+            raise ValueError(f"format must be cpp (ESP-DL v1.1) or espdl (ESP-DL v3), not {format!r}")
+        if format == "cpp" and chip not in V1_CHIPS:
+            raise ValueError(
+                f"{chip} has no ESP-DL v1.1 release (v1.1 runs on {', '.join(V1_CHIPS)}); use format=espdl (ESP-DL v3)"
+            )
+        if format == "espdl" and chip not in V3_CHIPS:
+            raise ValueError(f"ESP-DL v3 (.espdl) runs on {', '.join(V3_CHIPS)}, not {chip}; use format=cpp (ESP-DL v1.1)")
+        self.format = format
+        self.spec = chip_spec(chip, bits, FORMATS[format])
         self.model_name = model_name
 
     # -- scheme ------------------------------------------------------------------------------------------
@@ -104,6 +129,10 @@ class Esp32Backend(Backend):
                 raise ConfigError(f"the esp32 target runs int8 or int16 (signed) {role}, not {spec.qtype.value}")
             if not spec.symmetric or not spec.power_of_two:
                 raise ConfigError(f"the esp32 target needs symmetric power-of-two {role}: ESP-DL has no zero points")
+        if self.spec.v1 and config.per_channel and config.weight.qtype == QuantType.INT16:
+            raise ConfigError(
+                f"ESP-DL v1.1 runs int16 with per-tensor weights only ({self.spec.chip}); per-channel is int8 only"
+            )
 
     def prepare(self, model: onnx.ModelProto) -> onnx.ModelProto:
         return optimize_for_esp_dl(model)
@@ -112,10 +141,14 @@ class Esp32Backend(Backend):
         return _unsupported_shape(node, ctx)
 
     # -- artifacts ---------------------------------------------------------------------------------------
-    def check_runnable(self, result: QuantizationResult) -> None:
-        """Raise :class:`ortq.ModelError` naming the first node the chip cannot run."""
+    def check_plan(self, plan: QuantPlan, model: onnx.ModelProto) -> None:
+        """Refuse before calibration: a node the plan already leaves float, or an op ESP-DL has no kernel
+        for, would make the export fail after minutes of work (and a misleading low-SQNR warning)."""
+        self._refuse(self._plan_refusals(plan, model))
+
+    def _plan_refusals(self, plan: QuantPlan, model: onnx.ModelProto) -> list[str]:
         refused = []
-        for fn in result.plan.float_nodes:
+        for fn in plan.float_nodes:
             if fn.op_type not in SUPPORTED_OPS:
                 why = (
                     f"ESP-DL has no integer {fn.op_type} kernel this backend can export "
@@ -124,14 +157,22 @@ class Esp32Backend(Backend):
             else:
                 why = fn.reason
             refused.append(f"node {fn.name!r} ({fn.op_type}) cannot run on {self.spec.chip}: {why}")
-        for node in result.model.graph.node:
+        for node in model.graph.node:
             if node.op_type not in SUPPORTED_OPS | {"QuantizeLinear", "DequantizeLinear", "Constant"}:
                 msg = f"node {node.name!r} ({node.op_type}) cannot run on {self.spec.chip}: not a supported op"
                 if not any(f"node {node.name!r}" in r for r in refused):
                     refused.append(msg)
+        return refused
+
+    @staticmethod
+    def _refuse(refused: list[str]) -> None:
         if refused:
             more = f" (and {len(refused) - 1} more node(s))" if len(refused) > 1 else ""
             raise ModelError(refused[0] + more)
+
+    def check_runnable(self, result: QuantizationResult) -> None:
+        """Raise :class:`ortq.ModelError` naming the first node the chip cannot run."""
+        self._refuse(self._plan_refusals(result.plan, result.model))
         graph = QdqGraph(result.model, self.spec)
         for layer in graph.layers().values():
             if layer.output_exponent is None:
@@ -157,19 +198,33 @@ class Esp32Backend(Backend):
         out_dir = Path(out_dir)
         name = self.coefficient_name(result)
         graph = QdqGraph(result.model, self.spec)
+        if self.format == "espdl":
+            return self._export_espdl(result, out_dir, name)
         hpp, cpp = render(graph, name)
-        paths = [out_dir / f"{name}_coefficient.hpp", out_dir / f"{name}_coefficient.cpp"]
+        model_hpp = render_model(graph, name)  # refuses, naming the node, what v1.1 has no layer for
+        paths = [out_dir / f"{name}_coefficient.hpp", out_dir / f"{name}_coefficient.cpp", out_dir / f"{name}_model.hpp"]
         report = report_text(graph, name, [p.name for p in paths])
         paths.append(out_dir / f"{name}_coefficient_report.md")
-        for path, text in zip(paths, (hpp, cpp, report)):
+        for path, text in zip(paths, (hpp, cpp, model_hpp, report)):
             write_file_atomic(path, text)
         for layer in graph.layers().values():
             if layer.bias_clipped:
                 log.warning(
                     "%s: %d bias value(s) of %r saturated to %d bits", self.spec.chip, layer.bias_clipped,
-                    layer.kernel.name, self.spec.bias_bits,
+                    layer.kernel.name, layer.bias_bits,
                 )
         return paths
+
+    def _export_espdl(self, result: QuantizationResult, out_dir: Path, name: str) -> list[Path]:
+        """The ESP-DL v3 ``.espdl`` file, by the writer in ``espdl/``."""
+        try:
+            from ortq.plugins.backends.esp32.espdl import write_espdl
+        except ImportError:
+            raise ModelError(
+                f"the ESP-DL v3 .espdl writer is not available in this version of ortq, so {self.spec.chip} "
+                "cannot be exported as .espdl yet"
+            ) from None
+        return [Path(p) for p in _as_list(write_espdl(result, out_dir / f"{name}.espdl", self.spec))]
 
     # -- host simulation ---------------------------------------------------------------------------------
     def evaluate(
@@ -215,7 +270,7 @@ class Esp32Backend(Backend):
             sqnr = float("inf") if noise == 0 else 10 * np.log10(max(float(np.sum(ref**2)), 1e-30) / noise)
             top1 = float(np.mean(sim.argmax(-1) == ref.argmax(-1))) if sim.ndim >= 2 and sim.shape[-1] > 1 else float("nan")
             lines.append(f"| {out} | {sqnr:.1f} | {float(np.abs(err).max(initial=0)):.4g} | {top1:.2%} |")
-        width = self.spec.bias_bits
+        width = self.spec.accumulator_bits
         lines += ["", f"| layer | largest accumulator | bits needed (width {width}) |", "|---|---|---|"]
         for layer, value in stats.max_accumulator.items():
             need = value.bit_length() + 1
@@ -226,6 +281,12 @@ class Esp32Backend(Backend):
         path = Path(out_dir) / f"{name}_evaluation.md"
         write_file_atomic(path, "\n".join(lines) + "\n")
         return path
+
+
+def _as_list(written: object) -> list:
+    if written is None:
+        return []
+    return list(written) if isinstance(written, (list, tuple)) else [written]
 
 
 def _unsupported_shape(node: onnx.NodeProto, ctx: PlanContext) -> str | None:
@@ -314,12 +375,17 @@ def _unsupported_shape(node: onnx.NodeProto, ctx: PlanContext) -> str | None:
 def _chip_target(chip: str) -> type[Esp32Backend]:
     """``--target esp32s3`` / ``ortq export esp32s3``: the esp32 target with its chip preset."""
 
-    def __init__(self: Esp32Backend, bits: int | str = 8, model_name: str | None = None) -> None:
-        Esp32Backend.__init__(self, chip=chip, bits=bits, model_name=model_name)
+    def __init__(self: Esp32Backend, bits: int | str = 8, model_name: str | None = None, format: str | None = None) -> None:
+        Esp32Backend.__init__(self, chip=chip, bits=bits, model_name=model_name, format=format)
 
     return type(
         f"{chip.capitalize()}Backend", (Esp32Backend,),
-        {"name": chip, "description": f"Espressif ESP-DL on {chip}: power-of-two int8/int16, C++ coefficients",
+        {"name": chip, "description": (
+            f"Espressif ESP-DL on {chip}: "
+            + ("v1.1 C++ coefficients and model class" if chip in V1_CHIPS else "")
+            + (" or " if chip in V1_CHIPS and chip in V3_CHIPS else "")
+            + ("v3 .espdl" if chip in V3_CHIPS else "")
+        ),
          "__init__": __init__, "__doc__": f"The esp32 target for the {chip} chip."},
     )
 

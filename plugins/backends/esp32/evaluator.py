@@ -8,10 +8,12 @@ quantized for the ``esp32`` target, with every value an integer and an exponent 
 
 * inputs are quantized to int8 / int16 with the chip's rounding mode and saturated;
 * Conv / Gemm / MatMul multiply integers and accumulate exactly (int64 on the host; float64 BLAS where every
-  partial sum is provably below 2**53, which is exact), the bias is added at the accumulator's exponent
-  (input exponent + weight exponent, per output channel with per-channel weights) after saturating it to the
-  chip's bias width; a directly following ReLU / LeakyReLU is applied to the accumulator (the chip's fused
-  activation), then one requantizing shift to the output exponent;
+  partial sum is provably below 2**53, which is exact); the bias, saturated to its type, is added exactly from
+  where the firmware keeps it (ESP-DL v3: the accumulator's exponent, input + weight exponent, per output
+  channel with per-channel weights; ESP-DL v1.1: the output's exponent in the activation type, or int16 at
+  the accumulator's + 4 per channel; ``chips.py``); a directly following ReLU / LeakyReLU (on v1.1 also a
+  Clip that saturation makes exact) is applied to the accumulator (the chip's fused activation), then one
+  requantizing shift to the output exponent;
 * every requantization is a shift with the chip's rounding mode (``ROUND_HALF_UP`` = ``floor(x + 0.5)`` on
   ESP32 and ESP32-S3, ``ROUND_HALF_EVEN`` on ESP32-P4; sources in ``chips.py``) followed by saturation;
 * Add and Concat align their inputs exactly to the finer exponent and round once at the output; Mul adds the
@@ -230,17 +232,22 @@ class _Simulator:
         w = layer.weight.values
         if node.op_type == "Conv":
             acc = _conv(x.q, w, layer)
-            e = layer.acc_exponent.reshape(1, -1, 1, 1) if layer.acc_exponent.ndim else layer.acc_exponent
             bias_shape = (1, -1, 1, 1)
         else:
             if x.q.ndim != 2:
                 raise ModelError(f"{node.op_type} {node.name!r}: ESP-DL's FullyConnected takes a 2-D input, got {x.q.shape}")
             bound = float(w.shape[0]) * float(np.abs(x.q).max(initial=0)) * float(np.abs(w).max(initial=0))
             acc = _int_matmul(x.q, w, bound)
-            e = layer.acc_exponent.reshape(1, -1) if layer.acc_exponent.ndim else layer.acc_exponent
             bias_shape = (1, -1)
+        e = layer.acc_exponent.reshape(bias_shape) if layer.acc_exponent.ndim else layer.acc_exponent
         if layer.bias is not None:
-            acc = acc + layer.bias.reshape(bias_shape)
+            # The bias joins the accumulator exactly, wherever the firmware keeps it (v3: at the accumulator's
+            # exponent; v1.1: at the output's, or 4 bits above the accumulator per channel): both move to the
+            # finer of the two exponents, then one requantization rounds.
+            be = layer.bias_exponent.reshape(bias_shape) if layer.bias_exponent.ndim else layer.bias_exponent
+            e_min = np.minimum(e, be)
+            acc = (acc << (e - e_min)) + (layer.bias.reshape(bias_shape) << (be - e_min))
+            e = e_min
         if self.stats is not None:
             self.stats.max_accumulator[layer.name] = int(np.abs(acc).max(initial=0))
         v = _Value(acc, np.asarray(e, dtype=np.int64))

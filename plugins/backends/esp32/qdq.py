@@ -40,6 +40,9 @@ __all__ = [
 ]
 
 KERNEL_OPS = frozenset({"Conv", "Gemm", "MatMul"})
+#: ESP-DL v1.1, int8 per-channel: int16 biases sit 4 bits above the accumulator; dl::Bias carries -128.
+V1_PER_CHANNEL_BIAS_SHIFT = 4
+V1_PER_CHANNEL_BIAS_OBJECT_EXPONENT = -128
 _FUSABLE = frozenset({"Relu", "LeakyRelu"})
 
 
@@ -113,7 +116,7 @@ class Layer:
     input_name: str  # the kernel's activation input (a DQ output)
     weight: QConst  # ONNX layout ([M, C/g, kh, kw] for Conv; [K, N] for Gemm/MatMul after transB)
     acc_exponent: np.ndarray  # per tensor (0-d) or per output channel (1-d)
-    bias: np.ndarray | None  # int64 per output channel, saturated, at acc_exponent
+    bias: np.ndarray | None  # int64 per output channel, saturated, each at bias_exponent
     bias_clipped: int  # how many bias values the chip's width saturated
     activation: str  # "Linear", "ReLU" or "LeakyReLU" (dl::activation_type_t)
     alpha: tuple[int, int] | None  # LeakyReLU slope (integer, exponent)
@@ -122,6 +125,10 @@ class Layer:
     input_exponent: int = 0
     group: int = 1
     attrs: dict = field(default_factory=dict)
+    bias_exponent: np.ndarray | None = None  # where each bias integer sits (0-d, or 1-d per channel)
+    bias_object_exponent: int = 0  # the exponent written into the dl::Bias object
+    bias_ctype: str = "int32_t"
+    bias_bits: int = 32
 
     @property
     def depthwise(self) -> bool:
@@ -274,22 +281,22 @@ class QdqGraph:
         input_exponent = self.activation_exponent(node.input[0])
         if input_exponent is None:
             raise ModelError(f"{label}: its input {node.input[0]!r} is not a quantized activation")
-        acc_exponent = input_exponent + weight.exponent
+        acc_exponent = np.asarray(input_exponent + weight.exponent, dtype=np.int64)
         channels = weight.values.shape[channel_axis]
         covered = [node.name]
         out = node.output[0]
-        bias_q, clipped = None, 0
+        bias_tensor = None
         if node.op_type in ("Conv", "Gemm") and len(node.input) > 2 and node.input[2]:
-            bias_q, clipped = self._bias(node.input[2], acc_exponent, channels, label)
+            bias_tensor = node.input[2]
         elif node.op_type == "MatMul":
             add = self._only_reader(out)
             if add is not None and add.op_type == "Add":
                 other = add.input[1] if add.input[0] == out else add.input[0]
                 if self.index.is_constant(other) or self.quantized_constant(other) is not None:
-                    bias_q, clipped = self._bias(other, acc_exponent, channels, label)
+                    bias_tensor = other
                     covered.append(add.name)
                     out = add.output[0]
-        activation, alpha = "Linear", None
+        activation, alpha, clip = "Linear", None, None
         act, skipped = self._fused_activation(out)
         if act is not None:
             covered.extend(skipped)
@@ -297,6 +304,8 @@ class QdqGraph:
             out = act.output[0]
             if act.op_type == "Relu":
                 activation = "ReLU"
+            elif act.op_type == "Clip":
+                clip = act
             else:
                 activation = "LeakyReLU"
                 alpha = quantize_alpha(float(self.index.attribute(act, "alpha", 0.01)), self.spec)
@@ -307,19 +316,82 @@ class QdqGraph:
             if e.ndim and e.size != 1:
                 raise ModelError(f"{label}: its output is quantized per channel; ESP-DL activations are per tensor")
             output_exponent = int(e.reshape(-1)[0])
+        if clip is not None:
+            activation = self._fold_clip(clip, output_exponent, label)
+        per_channel = acc_exponent.ndim == 1
+        bias_ctype, bias_bits = self.spec.bias_format(per_channel)
+        if self.spec.v1 and per_channel and self.spec.bits != 8:
+            raise ModelError(f"{label}: ESP-DL v1.1 runs per-channel weights in int8 only, not int{self.spec.bits}")
+        # Where v1.1 and v3 keep each bias integer (chips.py [V1.1]): v3 at the accumulator's exponent; v1.1
+        # per tensor at the output exponent, per channel at the accumulator's + 4 (object exponent -128).
+        if not self.spec.v1:
+            bias_exponent = acc_exponent
+            object_exponent = input_exponent if per_channel else int(acc_exponent)
+        elif per_channel:
+            bias_exponent = acc_exponent + V1_PER_CHANNEL_BIAS_SHIFT
+            object_exponent = V1_PER_CHANNEL_BIAS_OBJECT_EXPONENT
+        else:
+            if output_exponent is None and bias_tensor is not None:
+                raise ModelError(f"{label}: its output is not quantized, and ESP-DL v1.1 keeps the bias at the output's exponent")
+            bias_exponent = np.asarray(output_exponent if output_exponent is not None else 0, dtype=np.int64)
+            object_exponent = int(bias_exponent)
+        bias_q, clipped = None, 0
+        if bias_tensor is not None:
+            bias_q, clipped = self._bias(bias_tensor, bias_exponent, channels, label, bias_bits)
         return Layer(
             name=c_identifier(node.name or node.output[0], used), kernel=node, covered=covered,
-            input_name=node.input[0], weight=weight, acc_exponent=np.asarray(acc_exponent, dtype=np.int64),
+            input_name=node.input[0], weight=weight, acc_exponent=acc_exponent,
             bias=bias_q, bias_clipped=clipped, activation=activation, alpha=alpha, output=out,
             output_exponent=output_exponent, input_exponent=input_exponent, group=group, attrs=attrs,
+            bias_exponent=np.asarray(bias_exponent, dtype=np.int64), bias_object_exponent=int(object_exponent),
+            bias_ctype=bias_ctype, bias_bits=bias_bits,
         )
+
+    def _fold_clip(self, clip: onnx.NodeProto, output_exponent: int | None, label: str) -> str:
+        """The activation a Clip after a v1.1 layer folds into, or a ModelError saying why it cannot.
+
+        v1.1 has no Clip or ReLU6 layer and its activations are Linear, ReLU, LeakyReLU and PReLU. A Clip runs
+        exactly when each bound is 0 (ReLU) or lies at or beyond what the output exponent can represent (the
+        requantization's saturation then clips there)."""
+        lo, hi = self.clip_bounds(clip)
+        if output_exponent is None:
+            raise ModelError(f"Clip {clip.name!r} after {label}: its output is not quantized")
+        top = self.spec.qmax * 2.0**output_exponent
+        bottom = self.spec.qmin * 2.0**output_exponent
+        why = []
+        if hi is not None and hi < top:
+            why.append(f"its upper bound {hi:g} is below the output's saturation point {top:g} (exponent {output_exponent})")
+        if lo is not None and lo != 0 and lo > bottom:
+            why.append(f"its lower bound {lo:g} is neither 0 (ReLU) nor at or below {bottom:g}")
+        if why:
+            raise ModelError(
+                f"Clip {clip.name!r} after {label} cannot run on ESP-DL v1.1 ({self.spec.chip}): v1.1 has no Clip or "
+                f"ReLU6 layer, and {' and '.join(why)}; use ReLU in the model, or the ESP-DL v3 export "
+                "(--format espdl on esp32s3), which has Clip"
+            )
+        return "ReLU" if lo == 0 else "Linear"
+
+    def clip_bounds(self, clip: onnx.NodeProto) -> tuple[float | None, float | None]:
+        """A Clip's (min, max) as floats (None where unbounded); bounds must be constants."""
+        bounds: list[float | None] = []
+        for i, attr_name in ((1, "min"), (2, "max")):
+            if len(clip.input) > i and clip.input[i]:
+                value = self.index.constant_value(clip.input[i])
+                if value is None:
+                    raise ModelError(f"Clip {clip.name!r}: its bounds must be constants")
+                bounds.append(float(np.asarray(value).reshape(-1)[0]))
+            else:
+                value = self.index.attribute(clip, attr_name)
+                bounds.append(None if value is None else float(value))
+        return bounds[0], bounds[1]
 
     def _fused_activation(self, tensor: str) -> tuple[onnx.NodeProto | None, list[str]]:
         """A Relu / LeakyRelu reading ``tensor`` alone, directly or through one Q -> DQ pair."""
         reader = self._only_reader(tensor)
         if reader is None:
             return None, []
-        if reader.op_type in _FUSABLE:
+        fusable = _FUSABLE | {"Clip"} if self.spec.v1 else _FUSABLE
+        if reader.op_type in fusable:
             return reader, []
         if reader.op_type != "QuantizeLinear":
             return None, []
@@ -327,14 +399,15 @@ class QdqGraph:
         if dq is None or dq.op_type != "DequantizeLinear":
             return None, []
         act = self._only_reader(dq.output[0])
-        if act is None or act.op_type not in _FUSABLE:
+        if act is None or act.op_type not in fusable:
             return None, []
         return act, [reader.name, dq.name]
 
-    def _bias(self, tensor: str, acc_exponent: np.ndarray, channels: int, label: str) -> tuple[np.ndarray, int]:
-        """Bias integers at the accumulator's exponent, saturated to the chip's bias width."""
+    def _bias(self, tensor: str, exponent_to: np.ndarray, channels: int, label: str, bits: int) -> tuple[np.ndarray, int]:
+        """Bias integers at ``exponent_to`` (per tensor or per channel) with the chip's rounding, saturated to
+        ``bits``."""
         spec = self.spec
-        target = np.broadcast_to(np.asarray(acc_exponent, dtype=np.int64), (channels,))
+        target = np.broadcast_to(np.asarray(exponent_to, dtype=np.int64), (channels,))
         qc = self.quantized_constant(tensor)
         if qc is not None:
             values = qc.values.reshape(-1)
@@ -359,5 +432,5 @@ class QdqGraph:
                 raise ModelError(f"{label}: its bias has {real.size} values for {channels} output channels")
             exact = round_float(real * np.exp2(-target.astype(np.float64)), spec.rounding)
             exact = np.clip(exact, -(2.0**62), 2.0**62).astype(np.int64)
-        clipped = np.clip(exact, spec.bias_min, spec.bias_max)
+        clipped = np.clip(exact, -(1 << (bits - 1)), (1 << (bits - 1)) - 1)
         return clipped.astype(np.int64), int(np.count_nonzero(clipped != exact))
