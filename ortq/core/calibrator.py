@@ -6,7 +6,7 @@ same statistic, and so statistics can be merged across shards and saved without 
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Iterable
 
 import numpy as np
 
@@ -114,6 +114,15 @@ class Calibrator:
     description: ClassVar[str] = ""
     #: Statistic classes this calibrator can reduce; saved calibration states are loaded through these.
     statistic_types: ClassVar[tuple[type[Statistic], ...]] = ()
+
+    #: Tensors whose largest values carry the result (graph outputs such as logits, the inputs of Softmax,
+    #: ArgMax, TopK, ReduceMax, through any data movement in between), set by the pipeline with
+    #: :meth:`set_tail_sensitive` before ranges are computed. A calibrator that clips should keep their maximum:
+    #: clipping the top logits changes which class wins, whatever it saves in squared error.
+    tail_sensitive: frozenset[str] = frozenset()
+
+    def set_tail_sensitive(self, tensors: Iterable[str]) -> None:
+        self.tail_sensitive = frozenset(tensors)
 
     def create_statistic(self, tensor: str) -> Statistic:
         raise NotImplementedError

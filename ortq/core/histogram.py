@@ -24,6 +24,7 @@ value could underflow to ``-0.0`` there and be counted on the wrong side of zero
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 from typing import Any, ClassVar
@@ -39,7 +40,11 @@ __all__ = [
     "DEFAULT_HALF_BINS",
     "require_histogram",
     "quantization_steps",
+    "range_error",
+    "optimal_range",
 ]
+
+_log = logging.getLogger(__name__)
 
 DEFAULT_HALF_BINS = 2048
 #: The smallest exponent: ``2**-E_MIN`` must stay a normal float32 so scaling by ``1/w`` is exact. An
@@ -346,10 +351,22 @@ class HistogramCalibrator(Calibrator):
     """Base for calibrators that reduce a :class:`HistogramStatistic` (percentile, entropy, mse, plugins).
 
     Subclasses implement :meth:`range_from_histogram`; the checks (wrong statistic kind, NaN/Inf, a
-    tensor that never held a value) are done once, here.
+    tensor that never held a value) are done once, here, and so is the guard that keeps every clipping
+    method from doing worse than min/max:
+
+    - the maximum of a :attr:`tail_sensitive` tensor (logits, a Softmax input) is never clipped: the largest
+      values there decide the answer, and a threshold method that sees them as rare outliers (the ``entropy``
+      search on CTC logits) would flatten exactly the winning classes;
+    - a range whose :func:`range_error` (expected squared error, rounding plus clipping, from the histogram) is
+      larger than min/max's is replaced by min/max. A threshold that clips a fifth of an image's bright
+      background (``entropy`` on a grayscale input: the bulk sits at the top, and KL divergence does not see how
+      far values are moved) then cannot reach the model.
+
+    A plugin that must return its own ranges unchecked sets ``guard = False`` (class or instance attribute).
     """
 
     statistic_types = (HistogramStatistic,)
+    guard: bool = True
 
     def create_statistic(self, tensor: str) -> Statistic:
         return HistogramStatistic()
@@ -358,7 +375,22 @@ class HistogramCalibrator(Calibrator):
         hist = require_histogram(self.name, tensor, statistic)
         if hist is None:
             return 0.0, 0.0  # never saw a value (zero-size tensors): any scale represents it exactly
-        return self.range_from_histogram(tensor, hist, spec)
+        lo, hi = self.range_from_histogram(tensor, hist, spec)
+        if not self.guard:
+            return lo, hi
+        assert hist.min is not None and hist.max is not None
+        if tensor in self.tail_sensitive and hi < hist.max:
+            _log.debug("%s: tensor %r feeds a max-sensitive op or is an output; its maximum is kept", self.name, tensor)
+            hi = hist.max
+        if (lo, hi) != (hist.min, hist.max) and range_error(hist, lo, hi, spec) > range_error(
+            hist, min(lo, hist.min), max(hi, hist.max), spec
+        ):
+            _log.debug("%s: range [%g, %g] of tensor %r has a larger expected error than min/max; using min/max",
+                       self.name, lo, hi, tensor)
+            if getattr(self, "symmetric", False):  # min/max in the form the calibrator was asked for
+                return (0.0 if hist.min >= 0.0 else -hist.absmax), hist.absmax
+            return hist.min, hist.max
+        return lo, hi
 
     def range_from_histogram(self, tensor: str, hist: HistogramStatistic, spec: Any) -> tuple[float, float]:
         raise NotImplementedError
@@ -369,3 +401,100 @@ def quantization_steps(spec: Any, one_sided: bool) -> tuple[int, bool]:
     over ``[-t, t]`` (two-sided data, or any symmetric scheme) rather than ``[0, t]``."""
     qmin, qmax = spec.qtype.qrange(symmetric=spec.symmetric, reduce_range=getattr(spec, "reduce_range", False))
     return int(qmax - qmin), bool(spec.symmetric or not one_sided)
+
+
+# -- the error a range causes ---------------------------------------------------------------------------------
+def _grid(spec: Any) -> tuple[int, bool]:
+    qmin, qmax = spec.qtype.qrange(symmetric=spec.symmetric, reduce_range=getattr(spec, "reduce_range", False))
+    return int(qmax - qmin), bool(spec.symmetric)
+
+
+def _step(lo: np.ndarray | float, hi: np.ndarray | float, steps: int, symmetric: bool) -> np.ndarray:
+    """The scale :func:`ortq.core.scheme.params_from_range` gives ``[lo, hi]`` (widened to include zero)."""
+    lo, hi = np.minimum(lo, 0.0), np.maximum(hi, 0.0)
+    return 2.0 * np.maximum(-lo, hi) / steps if symmetric else (hi - lo) / steps
+
+
+def _bins(hist: HistogramStatistic) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """Counts, edges and centers of the occupied bins, centers clamped to ``[min, max]``; and the count of
+    the bin ``[0, w)``, which holds the exact zeros (after a ReLU, padding) that every grid represents."""
+    assert hist.min is not None and hist.max is not None
+    nonzero = np.flatnonzero(hist.counts)
+    first, last = int(nonzero[0]), int(nonzero[-1]) + 1
+    n = hist.counts[first:last].astype(np.float64)
+    edges = (np.arange(first, last + 1, dtype=np.float64) - hist.half_bins) * hist.width
+    centers = np.clip((edges[:-1] + edges[1:]) / 2.0, hist.min, hist.max)
+    zeros = float(hist.counts[hist.half_bins]) if first <= hist.half_bins < last else 0.0
+    return n, edges, centers, zeros
+
+
+def range_error(hist: HistogramStatistic, lo: float, hi: float, spec: Any, clip_weight: float = 1.0) -> float:
+    """Expected squared error, per value, that quantizing the observed values to ``[lo, hi]`` with ``spec`` adds.
+
+    Values inside the range get the rounding noise of a uniform grid (``step**2 / 12``, except the bin of exact
+    zeros); values beyond it are clipped (``(|x| - bound)**2``, at the bin's center), weighted by
+    ``clip_weight``. This is the yardstick :func:`optimal_range` minimises and the guard of every histogram
+    calibrator compares its choice with min/max by.
+    """
+    if hist.empty() or hist.nonfinite() or hist.count == 0:
+        return 0.0
+    n, _, c, zeros = _bins(hist)
+    steps, symmetric = _grid(spec)
+    above, below = c > hi, c < lo
+    clipped = float(np.sum(n[above] * (c[above] - hi) ** 2) + np.sum(n[below] * (lo - c[below]) ** 2))
+    inside = max(float(n[~above & ~below].sum()) - zeros, 0.0)
+    step = float(_step(lo, hi, steps, symmetric))
+    return (clip_weight * clipped + inside * step * step / 12.0) / float(n.sum())
+
+
+def optimal_range(
+    hist: HistogramStatistic, spec: Any, *, clip_weight: float = 1.0, keep_min: bool = False,
+    keep_max: bool = False, rounds: int = 3,
+) -> tuple[float, float]:
+    """The range ``[lo, hi]`` with the least :func:`range_error`, each end searched on its own over every bin edge.
+
+    Unlike a threshold on ``|x|`` (the ``mse`` calibrator), the two ends are chosen separately: a tensor with a
+    long positive tail and a short negative one (Swish, GELU, logits) clips only where it pays. The search is
+    coordinate descent from min/max (best ``hi`` for the current ``lo``, then the reverse, ``rounds`` times,
+    each a vectorised pass over the edges with cumulative sums), so the result never has a larger error than
+    min/max itself. ``keep_min`` / ``keep_max`` pin an end at the observed extreme: a tensor whose extremes
+    carry the answer (logits, a Softmax input) must not lose its largest values.
+    """
+    assert hist.min is not None and hist.max is not None
+    lo, hi = float(hist.min), float(hist.max)
+    if hist.empty() or hist.count == 0 or lo == hi:
+        return lo, hi
+    n, edges, c, zeros = _bins(hist)
+    steps, symmetric = _grid(spec)
+    total = float(n.sum())
+    # Candidate upper ends: positive inner edges, then the maximum (no clipping); the bins above edge k are k...
+    up_k = np.flatnonzero((edges[1:-1] > 0.0) & (edges[1:-1] < hi)) + 1
+    s0, s1, s2 = (np.concatenate((np.cumsum(v[::-1])[::-1], [0.0])) for v in (n, n * c, n * c * c))
+    up_t = np.concatenate((edges[up_k], [hi]))
+    up_n = np.concatenate((s0[up_k], [0.0]))
+    up_err = np.concatenate((s2[up_k] - 2.0 * edges[up_k] * s1[up_k] + edges[up_k] ** 2 * s0[up_k], [0.0]))
+    # ... and lower ends: negative inner edges, then the minimum; the bins below edge k are those before k.
+    lo_k = np.flatnonzero((edges[1:-1] < 0.0) & (edges[1:-1] > lo)) + 1
+    p0, p1, p2 = (np.concatenate(([0.0], np.cumsum(v))) for v in (n, n * c, n * c * c))
+    lo_t = np.concatenate((edges[lo_k], [lo]))
+    lo_n = np.concatenate((p0[lo_k], [0.0]))
+    lo_err = np.concatenate((p2[lo_k] - 2.0 * edges[lo_k] * p1[lo_k] + edges[lo_k] ** 2 * p0[lo_k], [0.0]))
+    up_err, lo_err = np.maximum(up_err, 0.0) * clip_weight, np.maximum(lo_err, 0.0) * clip_weight
+    if keep_max:
+        up_t, up_n, up_err = up_t[-1:], up_n[-1:], up_err[-1:]
+    if keep_min:
+        lo_t, lo_n, lo_err = lo_t[-1:], lo_n[-1:], lo_err[-1:]
+    i, j = up_t.size - 1, lo_t.size - 1  # min/max
+
+    def cost(ui: np.ndarray | int, li: np.ndarray | int) -> np.ndarray:
+        step = _step(lo_t[li], up_t[ui], steps, symmetric)
+        inside = np.maximum(total - up_n[ui] - lo_n[li] - zeros, 0.0)
+        return up_err[ui] + lo_err[li] + inside * step * step / 12.0
+
+    for _ in range(max(int(rounds), 1)):
+        i_new = int(np.argmin(cost(np.arange(up_t.size), j)))
+        j_new = int(np.argmin(cost(i_new, np.arange(lo_t.size))))
+        if (i_new, j_new) == (i, j):
+            break
+        i, j = i_new, j_new
+    return float(lo_t[j]), float(up_t[i])

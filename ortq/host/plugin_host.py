@@ -46,6 +46,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "ortq.plugins.calibrators.percentile",
     "ortq.plugins.calibrators.entropy",
     "ortq.plugins.calibrators.mse",
+    "ortq.plugins.calibrators.auto",
     "ortq.plugins.backends.cpu",
     "ortq.plugins.backends.esp32",
     "ortq.plugins.backends.tensorrt",

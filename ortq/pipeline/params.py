@@ -21,9 +21,42 @@ if TYPE_CHECKING:
     from ortq.core.graph import GraphIndex
     from ortq.pipeline.plan import QuantPlan
 
-__all__ = ["compute_params", "bias_params"]
+__all__ = ["compute_params", "bias_params", "tail_sensitive_tensors"]
 
 log = logging.getLogger(__name__)
+
+#: Ops whose result is decided by the largest values of their (first) input.
+_MAX_SENSITIVE = frozenset({"Softmax", "LogSoftmax", "ArgMax", "TopK", "ReduceMax", "Hardmax"})
+#: Ops that move values without changing them: a tensor before them is as sensitive as the one after.
+_DATA_MOVEMENT = frozenset({
+    "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Identity", "Cast", "Slice", "Gather", "Split",
+    "Concat", "Expand", "Tile", "DepthToSpace", "SpaceToDepth", "Pad",
+})
+
+
+def tail_sensitive_tensors(index: GraphIndex) -> set[str]:
+    """Tensors whose maximum must not be clipped: graph outputs and inputs of max-deciding ops (logits, attention
+    scores), and every tensor that reaches one of them through data movement only.
+
+    Clipping calibrators save squared error by cutting the rare largest values; there those are the winning
+    class or the attended position, and what is cut cannot be told apart afterwards. The low end of such a
+    tensor may still be clipped: a very negative logit or masked score loses nothing by it.
+    """
+    sensitive = set(index.graph_outputs)
+    for node in index.graph.node:
+        if node.op_type in _MAX_SENSITIVE and node.input and node.input[0]:
+            sensitive.add(node.input[0])
+    stack = list(sensitive)
+    while stack:
+        producer = index.producer.get(stack.pop())
+        if producer is None or producer.op_type not in _DATA_MOVEMENT:
+            continue
+        for name in producer.input[:1] if producer.op_type != "Concat" else producer.input:
+            if name and name not in sensitive and not index.is_constant(name):
+                sensitive.add(name)
+                stack.append(name)
+    return sensitive
+
 
 def compute_params(
     plan: QuantPlan,

@@ -34,15 +34,21 @@ class EntropyCalibrator(HistogramCalibrator):
     thresholds are tried, default 128: half spread from ``levels`` bins up to the largest ``|x|``, half
     around the best of those). This is a genuine search: ONNX Runtime's defaults (128 bins, 128 levels) try a single threshold.
     ``symmetric`` (default false) returns ``[-t, t]`` (``[0, t]`` for a tensor that never went negative)
-    instead of clamping the threshold to the observed extremes.
+    instead of clamping the threshold to the observed extremes. ``guard`` (default true) replaces a threshold
+    with more expected squared error than min/max by min/max and keeps the top of logits (see
+    :class:`ortq.core.histogram.HistogramCalibrator`): KL divergence does not see how far clipped values move,
+    and on a CTC text recognizer it clipped a fifth of the grayscale input (output SQNR 2.5 dB, agreement with
+    float 21%; with the guard 17.9 dB, 88%, min/max 87%).
     """
 
     name = "entropy"
     description = "KL-divergence (TensorRT) threshold search on an exact streaming histogram of |x|"
 
     def __init__(
-        self, num_quantized_bins: int | None = None, num_candidates: int = 128, symmetric: bool = False
+        self, num_quantized_bins: int | None = None, num_candidates: int = 128, symmetric: bool = False,
+        guard: bool = True,
     ) -> None:
+        self.guard = option_bool("guard", guard)
         auto = num_quantized_bins is None or (
             isinstance(num_quantized_bins, str) and num_quantized_bins.strip().lower() in {"", "none", "auto"}
         )

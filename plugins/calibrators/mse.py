@@ -23,13 +23,15 @@ class MseCalibrator(HistogramCalibrator):
 
     Option: ``symmetric`` (default false) returns ``[-t, t]`` (``[0, t]`` for a tensor that never went
     negative) instead of clamping the threshold to the observed extremes.
+    ``guard`` (default true): see :class:`ortq.core.histogram.HistogramCalibrator`.
     """
 
     name = "mse"
     description = "threshold minimizing expected squared quantization error, from an exact streaming histogram"
 
-    def __init__(self, symmetric: bool = False) -> None:
+    def __init__(self, symmetric: bool = False, guard: bool = True) -> None:
         self.symmetric = option_bool("symmetric", symmetric)
+        self.guard = option_bool("guard", guard)
 
     def range_from_histogram(self, tensor: str, hist: HistogramStatistic, spec: QuantSpec) -> tuple[float, float]:
         assert hist.min is not None and hist.max is not None

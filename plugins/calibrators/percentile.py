@@ -19,7 +19,9 @@ class PercentileCalibrator(HistogramCalibrator):
 
     Options (strings from the CLI are accepted): ``percentile`` (default 99.999, in [50, 100]) and
     ``symmetric`` (default false): clip ``|x|`` at its percentile and use ``[-t, t]``, or ``[0, t]`` for a
-    tensor that never went negative. Statistics are exact streaming histograms
+    tensor that never went negative. ``guard`` (default true): a range with more expected error than min/max
+    is replaced by min/max, and the top of logits is kept (see :class:`ortq.core.histogram.HistogramCalibrator`);
+    ``guard=false`` clips exactly at the percentile, as ONNX Runtime does. Statistics are exact streaming histograms
     (:class:`ortq.core.histogram.HistogramStatistic`), so the result does not depend on batch order or size;
     quantiles are interpolated inside a bin and exact to within one bin width.
     """
@@ -27,9 +29,10 @@ class PercentileCalibrator(HistogramCalibrator):
     name = "percentile"
     description = "clip at a percentile of the values (default 99.999), from an exact streaming histogram"
 
-    def __init__(self, percentile: float = 99.999, symmetric: bool = False) -> None:
+    def __init__(self, percentile: float = 99.999, symmetric: bool = False, guard: bool = True) -> None:
         self.percentile = option_float("percentile", percentile, 50.0, 100.0)
         self.symmetric = option_bool("symmetric", symmetric)
+        self.guard = option_bool("guard", guard)
 
     def range_from_histogram(self, tensor: str, hist: HistogramStatistic, spec: QuantSpec) -> tuple[float, float]:
         assert hist.min is not None and hist.max is not None
