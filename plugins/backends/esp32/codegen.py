@@ -545,7 +545,8 @@ def _v1_shape(graph: QdqGraph, node: onnx.NodeProto) -> list[int]:
             return [1, 1, int(np.prod(shape[1:]))]
     if len(rest) == 3 and all(d > 0 for d in rest):
         c, h, w = rest
-        return [h, w, c]
+        if c == 1 or h * w == 1:  # the same element order in C, H, W and H, W, C
+            return [h, w, c]
     raise ModelError(f"Reshape {node.name!r}: target shape {list(np.asarray(target))} has no ESP-DL v1.1 equivalent here")
 
 
