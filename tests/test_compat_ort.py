@@ -192,3 +192,38 @@ def test_create_calibrator_and_calibration_table(tmp_path: Path) -> None:
 
     table = TrtTable.TrtTable.GetRootAsTrtTable((tmp_path / "calibration.flatbuffers").read_bytes(), 0)
     assert table.DictLength() == len(ranges)
+
+
+def _sigmoid_argmax_model() -> onnx.ModelProto:
+    w = numpy_helper.from_array(np.random.default_rng(2).standard_normal((4, 3, 1, 1)).astype(np.float32), "w")
+    graph = helper.make_graph(
+        [
+            helper.make_node("Sigmoid", ["x"], ["s"], name="sig"),
+            helper.make_node("Conv", ["s", "w"], ["c"], name="conv"),
+            helper.make_node("ArgMax", ["c"], ["y"], name="argmax", axis=1, keepdims=0),
+        ],
+        "sig", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.INT64, ["N", 8, 8])], [w],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 7
+    return model
+
+
+@pytest.mark.parametrize("quant_format", [compat.QuantFormat.QDQ, compat.QuantFormat.QOperator])
+def test_named_ops_are_quantized_whatever_feeds_them(tmp_path: Path, quant_format) -> None:
+    model = _sigmoid_argmax_model()
+    data = tiny_data(16, seed=4)
+    result = compat.quantize_static(
+        model, tmp_path / "q.onnx", Reader([{"x": data["x"]}]), quant_format=quant_format,
+        op_types_to_quantize=["Sigmoid", "Conv", "ArgMax"], activation_type=compat.QuantType.QUInt8,
+    )
+    assert {"sig", "conv", "argmax"} <= set(result.plan.quantized_nodes)
+    ops = [n.op_type for n in result.model.graph.node]
+    if quant_format is compat.QuantFormat.QOperator:
+        assert "QLinearSigmoid" in ops and "QLinearConv" in ops
+    onnx.checker.check_model(result.model, full_check=True)
+    agree = np.mean(run(model, data)[0] == run(tmp_path / "q.onnx", data)[0])
+    assert agree > 0.9
+    plain = compat.quantize_static(model, tmp_path / "p.onnx", Reader([{"x": data["x"]}]), op_types_to_quantize=["Conv"])
+    assert "sig" not in plain.plan.quantized_nodes and "argmax" not in plain.plan.quantized_nodes

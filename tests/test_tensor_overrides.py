@@ -167,13 +167,13 @@ def test_cli_tensor_overrides_file(cnn_files: tuple[Path, Path], tmp_path: Path)
 @pytest.mark.parametrize(
     ("overrides", "options", "message"),
     [
-        ({"r": {"rmax": 1.0}}, {}, "no tensor of that name; did you mean 'r1'"),
+        ({"r": {"rmax": 1.0}}, {}, "not present in the model; did you mean 'r1'"),
         ({"x": {"scale": 0.0, "zero_point": 0}}, {}, "scale must be finite and positive"),
         ({"x": {"scale": -1.0, "zero_point": 0}}, {}, "scale must be finite and positive"),
         ({"x": {"scale": 0.1, "zero_point": 300}}, {}, "zero point 300 is outside uint8 [0, 255]"),
         ({"x": {"scale": 0.1, "zero_point": -3}}, {}, "zero point -3 is outside uint8 [0, 255]; set quant_type"),
-        ({"x": {"scale": 0.1}}, {}, "give both 'scale' and 'zero_point'"),
-        ({"x": {"scale": 0.1, "zero_point": 3, "rmax": 2.0}}, {}, "cannot be combined"),
+        ({"x": {"scale": 0.1}}, {}, "Must provide both 'scale' and 'zero_point'"),
+        ({"x": {"scale": 0.1, "zero_point": 3, "rmax": 2.0}}, {}, "are invalid with 'scale' and 'zero_point'"),
         ({"x": {"convert": {"quant_type": "uint16"}}}, {}, "'convert'"),
         ({"x": {"bits": 16}}, {}, "unknown key(s) ['bits']"),
         ({"x": {"quant_type": "float8"}}, {}, "unsupported quantization type"),

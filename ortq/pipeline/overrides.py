@@ -113,10 +113,10 @@ def _parse_entry(name: str, entry: Any, label: str) -> TensorOverride:
         if unknown:
             raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)}; allowed: {sorted(OVERRIDE_KEYS)}")
         if ("scale" in d) != ("zero_point" in d):
-            raise ConfigError(f"{where}: give both 'scale' and 'zero_point', or neither")
+            raise ConfigError(f"{where}: Must provide both 'scale' and 'zero_point' (or neither)")
         clash = [k for k in _NOT_WITH_SCALE if k in d and "scale" in d]
         if clash:
-            raise ConfigError(f"{where}: {clash} cannot be combined with a given 'scale' and 'zero_point'")
+            raise ConfigError(f"{where}: option(s) [{', '.join(clash)}] are invalid with 'scale' and 'zero_point'")
     first = dicts[0]
     axis = first.get("axis")
     if len(dicts) > 1 and axis is None:
@@ -245,7 +245,7 @@ class TensorOverrides:
             if name not in known:
                 close = difflib.get_close_matches(name, sorted(known), n=3, cutoff=0.6)
                 hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-                raise ConfigError(f"{where}: the model has no tensor of that name{hint}")
+                raise ConfigError(f"{where}: the tensor is not present in the model{hint}")
             tp = plan.tensors.get(name)
             if tp is None:
                 why = _why_not_planned(name, plan, index)

@@ -109,12 +109,14 @@ def quantize_bias(values: np.ndarray, scale: np.ndarray, name: str) -> np.ndarra
     return np.clip(q, _INT32.min, _INT32.max).astype(np.int32)
 
 
-def _add_init(graph: onnx.GraphProto, name: str, value: np.ndarray) -> str:
+def _add_init(graph: onnx.GraphProto, name: str, value: np.ndarray, *, typed: bool = False) -> str:
     value = np.asarray(value)
-    if value.ndim == 0 and value.dtype.kind in "fiu":
-        # A scalar scale or zero point in the typed field (float_data / int32_data), as ONNX Runtime's
-        # quantizer stores it: tools written against its output read ``int32_data[0]``. Same bytes on disk.
-        tensor = helper.make_tensor(name, helper.np_dtype_to_tensor_dtype(value.dtype), [], [value.item()])
+    if (value.ndim == 0 or typed) and value.dtype.kind in "fiu":
+        # Scales and zero points in the typed fields (float_data / int32_data), as ONNX Runtime's quantizer
+        # stores them: tools written against its output read ``int32_data[0]``. Same values.
+        tensor = helper.make_tensor(
+            name, helper.np_dtype_to_tensor_dtype(value.dtype), list(value.shape), value.reshape(-1).tolist()
+        )
     else:
         tensor = numpy_helper.from_array(value, name)
     graph.initializer.append(tensor)
@@ -133,10 +135,10 @@ def constant_dq(
     """A quantized constant stored as ``q`` behind a DequantizeLinear writing ``<name>_dequantized`` (the
     initializers are added to ``graph``; the caller places the node)."""
     q_name = _add_init(graph, names(f"{name}_quantized"), q)
-    s_name = _add_init(graph, names(f"{name}_scale"), scale)
+    s_name = _add_init(graph, names(f"{name}_scale"), scale, typed=True)
     if zero_point is None:
         zero_point = np.zeros(scale.shape, dtype=q.dtype)
-    zp_name = _add_init(graph, names(f"{name}_zero_point"), zero_point)
+    zp_name = _add_init(graph, names(f"{name}_zero_point"), zero_point, typed=True)
     attrs = {"axis": axis} if axis is not None else {}
     return helper.make_node(
         "DequantizeLinear", [q_name, s_name, zp_name], [names(f"{name}_dequantized")],

@@ -11,11 +11,16 @@ from __future__ import annotations
 import onnx
 
 from ortq.core.hookspecs import hookimpl
-from ortq.core.op_quantizer import LeaveFloat, NodePlan, OpQuantizer, PlanContext, QOperatorContext
+from ortq.core.op_quantizer import Activation, LeaveFloat, NodePlan, OpQuantizer, PlanContext, QOperatorContext
 from ortq.pipeline.rewrite_qoperator import qlinear_unary
 
 class _QuantizedChainOp(OpQuantizer):
     def plan(self, node: onnx.NodeProto, ctx: PlanContext) -> NodePlan | LeaveFloat:
+        named = ctx.config.op_types is not None and node.op_type in ctx.config.op_types
+        if named and not ctx.is_quantized(node.input[0]) and not ctx.is_constant(node.input[0]):
+            # Asked for by name (ONNX Runtime quantizes a named op whatever feeds it): the input gets its
+            # own Q/DQ, e.g. a Sigmoid reading a graph input then runs as QLinearSigmoid.
+            return NodePlan(inputs={0: Activation()}, outputs={0: Activation()})
         return self.extend_chain(node, ctx)
 
 

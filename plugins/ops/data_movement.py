@@ -9,7 +9,7 @@ from __future__ import annotations
 import onnx
 
 from ortq.core.hookspecs import hookimpl
-from ortq.core.op_quantizer import LeaveFloat, NodePlan, OpQuantizer, PlanContext, QOperatorContext, SameAs
+from ortq.core.op_quantizer import Activation, LeaveFloat, NodePlan, OpQuantizer, PlanContext, QOperatorContext, SameAs
 from ortq.pipeline.rewrite_qoperator import run_on_quantized
 
 
@@ -108,8 +108,34 @@ class PadQuantizer(OpQuantizer):
         return kernels
 
 
+class ArgMaxQuantizer(OpQuantizer):
+    """ArgMax/ArgMin of the quantized codes is the ArgMax/ArgMin of the real values (one scale, and a
+    positive one keeps the order), so the index comes straight from the 8-bit input. Only when named in
+    ``op_types_to_quantize`` (as ONNX Runtime does): its output is an index, so nothing downstream gains."""
+
+    op_types = ("ArgMax", "ArgMin")
+
+    def plan(self, node: onnx.NodeProto, ctx: PlanContext) -> NodePlan | LeaveFloat:
+        if ctx.config.op_types is None or node.op_type not in ctx.config.op_types:
+            return LeaveFloat(f"{node.op_type} is quantized only when op_types_to_quantize names it")
+        return NodePlan(inputs={0: Activation()})
+
+    def qoperator(self, node: onnx.NodeProto, q: QOperatorContext) -> list[onnx.NodeProto] | LeaveFloat:
+        x = q.input(0)
+        if x is None:
+            return LeaveFloat("its data input is not quantized")
+        if not x.is_8bit:
+            return LeaveFloat(f"ONNX Runtime runs {node.op_type} on 8-bit integers only")
+        copy = onnx.NodeProto()
+        copy.CopyFrom(node)
+        copy.name = q.fresh_name(f"{node.name}_quant")
+        copy.input[0] = x.name
+        return [copy]
+
+
 @hookimpl
 def ortq_register_op_quantizers(register):
+    register(ArgMaxQuantizer)
     register(DataMovementQuantizer)
     register(SplitQuantizer)
     register(GatherQuantizer)
