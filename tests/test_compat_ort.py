@@ -227,3 +227,12 @@ def test_named_ops_are_quantized_whatever_feeds_them(tmp_path: Path, quant_forma
     assert agree > 0.9
     plain = compat.quantize_static(model, tmp_path / "p.onnx", Reader([{"x": data["x"]}]), op_types_to_quantize=["Conv"])
     assert "sig" not in plain.plan.quantized_nodes and "argmax" not in plain.plan.quantized_nodes
+
+
+def test_compatibility_page_is_generated_from_the_tables() -> None:
+    from ortq.api.compat_table import render
+
+    page = Path(__file__).resolve().parents[1] / "docs" / "compatibility.md"
+    assert page.read_text(encoding="utf-8") == render(), "run: python -m ortq.api.compat_table > docs/compatibility.md"
+    for key in compat.EXTRA_OPTIONS:
+        assert f"| `{key}` |" in render()

@@ -26,6 +26,7 @@ from onnx import TensorProto
 
 from ortq.core.errors import CalibrationDataError, ConfigError
 from ortq.core.scheme import QuantType
+from ortq.pipeline.rewrite_dynamic import DEFAULT_DYNAMIC_OP_TYPES
 
 __all__ = [
     "QuantFormat", "CalibrationMethod", "CalibrationDataReader", "QuantType", "quantize_static", "quantize_dynamic",
@@ -125,8 +126,8 @@ DYNAMIC_ARGUMENTS: dict[str, Support] = {
     "model_input": STATIC_ARGUMENTS["model_input"],
     "model_output": STATIC_ARGUMENTS["model_output"],
     "op_types_to_quantize": Support(
-        "better", "MatMul, Gemm, Attention, LSTM, Gather; Conv only when named (ConvInteger is slower than float "
-        "Conv on ONNX Runtime's CPU provider); other types are ignored with a warning"),
+        "better", f"{', '.join(sorted(DEFAULT_DYNAMIC_OP_TYPES))} by default; Conv only when named (ConvInteger is "
+        "slower than float Conv on ONNX Runtime's CPU provider); other types are ignored with a warning"),
     "per_channel": Support("same"),
     "reduce_range": Support("same"),
     "weight_type": Support("refused", "8-bit weights", ("QInt8", "QUInt8")),
