@@ -32,9 +32,20 @@ class _Group(click.Group):
     """Turns ortq's own errors into one line and a non-zero exit; ``--verbose`` adds the traceback."""
 
     def invoke(self, ctx: click.Context) -> Any:
+        from ortq.api.cli_output import WarningSummary
+
+        # ortq's warnings wait until the command is done (never on top of a progress bar), one line per kind.
+        warnings = WarningSummary(lambda line: click.echo(line, err=True), verbose=bool(ctx.params.get("verbose")))
+        warnings.attach(logging.getLogger("ortq"))
+        succeeded = False
         try:
-            return super().invoke(ctx)
-        except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
+            result = super().invoke(ctx)
+            succeeded = True
+            return result
+        except click.exceptions.Exit as exc:
+            succeeded = exc.exit_code == 0
+            raise
+        except (click.ClickException, click.exceptions.Abort):
             raise
         except KeyboardInterrupt:  # Ctrl-C: nothing was written (outputs are renamed into place at the end)
             click.echo("Aborted!", err=True)
@@ -46,6 +57,8 @@ class _Group(click.Group):
             _fail(ctx, f"Error: {exc}", exc)
         except Exception as exc:  # a bug: still one line unless --verbose
             _fail(ctx, f"Error: internal error ({type(exc).__name__}: {exc}); rerun with --verbose for the traceback", exc)
+        finally:
+            warnings.detach(flush=succeeded)
 
 
 def _quiet_stdout() -> None:
@@ -232,6 +245,17 @@ def _progress(calibration_data: Path | None, max_samples: int | None) -> Any:
                              hidden=not sys.stderr.isatty())
 
 
+def _quantize_progress(calibration_data: Path | None, max_samples: int | None) -> tuple[Any, dict[str, Any]]:
+    """A "calibrating" bar, then a "verifying" one (verification uses the first 64 calibration samples)."""
+    from ortq.api.cli_output import StagedProgress
+    from ortq.io.data import count_samples
+
+    total = (count_samples(calibration_data, max_samples) if calibration_data is not None else 0) or 0
+    bars = StagedProgress(hidden=not sys.stderr.isatty())
+    return bars, {"progress": bars.stage("calibrating", total),
+                  "verify_progress": bars.stage("verifying", min(total, 64))}
+
+
 def build_cli(toolkit: Toolkit) -> click.Group:
     """The command group for ``toolkit``, with plugin commands added through ``ortq_register_commands``."""
 
@@ -361,11 +385,12 @@ def build_cli(toolkit: Toolkit) -> click.Group:
                 tensor_overrides=tensor_overrides, **on_ray, **options,
             )
         else:
-            with _progress(calibration_data, max_samples) as bar:
+            bars, callbacks = _quantize_progress(calibration_data, max_samples)
+            with bars:
                 result = toolkit.quantize(
                     model, output, calibration_data=calibration_data, calibration_state=calibration_state,
                     target=target, session_options=_make_session_options(intra_op_threads), verify=verify,
-                    progress=bar.update, tensor_overrides=tensor_overrides, **options,
+                    tensor_overrides=tensor_overrides, **callbacks, **options,
                 )
         click.echo(result.summary())
         click.echo(f"wrote {result.output}")
@@ -648,7 +673,8 @@ def _export_command(toolkit: Toolkit, name: str, backend_cls: Any) -> click.Comm
     @click.option("-s", "--calibration-state", type=click.Path(dir_okay=False, path_type=Path), default=None)
     @click.option("--calibrate-method", default=None)
     @click.option("--calibrator-option", multiple=True, metavar="KEY=VALUE")
-    @click.option("--backend-option", multiple=True, metavar="KEY=VALUE", help=f"Option for the {name} backend; repeatable.")
+    @click.option("--backend-option", multiple=True, metavar="KEY=VALUE", help=f"Option for the {name} backend; "
+                  f"repeatable. Options (default): {_backend_options_text(backend_cls)}.")
     @click.option("--batch-size", type=click.IntRange(min=1), default=None)
     @click.option("--max-samples", type=click.IntRange(min=1), default=None)
     @_image_flags
@@ -659,13 +685,14 @@ def _export_command(toolkit: Toolkit, name: str, backend_cls: Any) -> click.Comm
             raise click.UsageError("give exactly one of --calibration-data and --calibration-state")
         created = _make_folder(out_dir)
         try:
-            with _progress(calibration_data, max_samples) as bar:
+            bars, callbacks = _quantize_progress(calibration_data, max_samples)
+            with bars:
                 result = toolkit.quantize(
                     model, out_dir / f"{model.stem}.{name}.onnx", calibration_data=calibration_data,
                     calibration_state=calibration_state, target=name, calibrate_method=calibrate_method,
                     calibrator_options=_key_values(calibrator_option) or None,
                     backend_options=_key_values(backend_option) or None, batch_size=batch_size, max_samples=max_samples,
-                    image_options=_make_image_options(**image_flags), progress=bar.update,
+                    image_options=_make_image_options(**image_flags), **callbacks,
                 )
         except BaseException:
             for folder in created:  # a failed export leaves no empty folder behind
@@ -677,6 +704,15 @@ def _export_command(toolkit: Toolkit, name: str, backend_cls: Any) -> click.Comm
             click.echo(f"wrote {path}")
 
     return command
+
+
+def _backend_options_text(backend_cls: Any) -> str:
+    from ortq.host.plugin_host import option_names
+
+    valid = option_names(backend_cls)
+    if valid is None:
+        return "see the backend's documentation"
+    return ", ".join(f"{k} ({v})" for k, v in valid.items()) or "none"
 
 
 def _make_folder(folder: Path) -> list[Path]:

@@ -11,6 +11,7 @@ from ortq.core.config import QuantConfig
 
 if TYPE_CHECKING:
     from ortq.core.op_quantizer import PlanContext
+    from ortq.core.plan import QuantPlan
     from ortq.core.report import QuantizationResult
 
 __all__ = ["Backend"]
@@ -46,6 +47,11 @@ class Backend:
 
     def leave_float(self, node: onnx.NodeProto, ctx: PlanContext) -> str | None:
         return None
+
+    def check_plan(self, plan: QuantPlan, model: onnx.ModelProto) -> None:
+        """Refuse (with :class:`ortq.ModelError`) a plan the target cannot run, before calibration: an
+        export that would refuse a float node should not make the user wait for the whole quantization
+        first. ``model`` is the prepared float model. Default: anything goes."""
 
     def extra_observed_tensors(self, model: onnx.ModelProto) -> list[str]:
         """Tensors of the prepared float ``model`` whose calibrated range the target needs although the plan

@@ -15,7 +15,7 @@ from ortq.core.config import QuantConfig
 from ortq.core.plan import QuantPlan
 from ortq.core.scheme import QuantParams
 
-__all__ = ["OutputComparison", "VerificationReport", "QuantizationResult"]
+__all__ = ["OutputComparison", "VerificationReport", "QuantizationResult", "size_change"]
 
 
 @dataclass
@@ -68,7 +68,7 @@ class QuantizationResult:
                 if not self.dynamic else f"(target {self.target}, dynamic: activations quantized at run time)"
             ),
             f"size: {self.float_bytes / 1e6:.3f} MB -> {self.quantized_bytes / 1e6:.3f} MB "
-            f"({self.float_bytes / max(self.quantized_bytes, 1):.2f}x smaller)",
+            f"({size_change(self.float_bytes, self.quantized_bytes)})",
         ]
         for o in self.verification.outputs:
             top1 = f", top-1 agreement {o.top1_agreement:.2%}" if o.top1_agreement is not None else ""
@@ -79,3 +79,12 @@ class QuantizationResult:
         for tensor, reason in self.vetoes.items():
             lines.append(f"kept float around {tensor!r}: {reason}")
         return "\n".join(lines)
+
+
+def size_change(before: int, after: int) -> str:
+    """"3.62x smaller" or "1.79x larger": a tiny model gains Q/DQ nodes and grows, and must not read as shrinking."""
+    if after < before:
+        return f"{before / max(after, 1):.2f}x smaller"
+    if after > before:
+        return f"{after / max(before, 1):.2f}x larger"
+    return "same size"

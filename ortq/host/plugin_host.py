@@ -208,6 +208,11 @@ class PluginHost:
 
     def backend(self, name: str, **options: Any) -> Backend:
         cls = self.backends.get(_normalize(name))
+        valid = option_names(cls)
+        unknown = sorted(set(options) - set(valid)) if valid is not None else []
+        if unknown:  # before calling: Python's "__init__() got an unexpected keyword argument" says nothing useful
+            listed = ", ".join(f"{k}={v}" for k, v in valid.items()) if valid else "none"
+            raise ConfigError(f"backend {name!r} has no option {', '.join(map(repr, unknown))}; its options: {listed}")
         try:
             return cls(**options)
         except (TypeError, ValueError) as exc:
@@ -234,6 +239,23 @@ class PluginHost:
                 types.setdefault(stat_type.kind, stat_type)
         return list(types.values())
 
+
+
+def option_names(cls: type) -> dict[str, str] | None:
+    """The keyword options a plugin class's constructor takes, with their defaults as text (``"8"``,
+    ``"'auto'"``, ``"required"``); None when it takes ``**kwargs`` (any name may be valid)."""
+    import inspect
+
+    try:
+        params = list(inspect.signature(cls).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return None
+    return {
+        p.name: "required" if p.default is p.empty else repr(p.default)
+        for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    }
 
 
 def _normalize(name: str) -> str:

@@ -131,23 +131,42 @@ class CalibrationState:
                 f"{label}: calibration state version {data.get('version')!r}; this ortq reads version {STATE_VERSION}"
             )
         kinds = {t.kind: t for t in statistic_types}
+
+        def field(obj: Any, key: str, where: str, kind: type | tuple[type, ...] = object) -> Any:
+            # Name the field and where it should be: a KeyError alone ('statistics') tells the user nothing.
+            if not isinstance(obj, dict):
+                raise CalibrationError(f"{label}: malformed calibration state: {where} is a JSON "
+                                       f"{type(obj).__name__}, not an object")
+            if key not in obj:
+                raise CalibrationError(f"{label}: malformed calibration state: {where} has no {key!r} field")
+            if not isinstance(obj[key], kind):
+                raise CalibrationError(f"{label}: malformed calibration state: field {key!r} of {where} is "
+                                       f"{type(obj[key]).__name__}, not {getattr(kind, '__name__', 'the right type')}")
+            return obj[key]
+
+        model = field(data, "model", "the file", dict)
+        fingerprint = field(model, "fingerprint", "'model'", str)
+        calibrator = field(data, "calibrator", "the file", str)
         statistics: dict[str, Statistic] = {}
-        try:
-            for name, stat in data["statistics"].items():
-                kind = stat.get("kind")
-                if kind not in kinds:
-                    known = ", ".join(sorted(kinds)) or "none"
-                    raise CalibrationError(f"{label}: tensor {name!r} has statistic kind {kind!r}; known kinds: {known}")
+        for name, stat in field(data, "statistics", "the file", dict).items():
+            kind = field(stat, "kind", f"the statistics of tensor {name!r}", str)
+            if kind not in kinds:
+                known = ", ".join(sorted(kinds)) or "none"
+                raise CalibrationError(f"{label}: tensor {name!r} has statistic kind {kind!r}; known kinds: {known}")
+            try:
                 statistics[name] = kinds[kind].from_dict(stat)
+            except KeyError as exc:
+                raise CalibrationError(f"{label}: malformed calibration state: the {kind!r} statistics of tensor "
+                                       f"{name!r} have no {exc.args[0]!r} field") from None
+            except (TypeError, ValueError, AttributeError) as exc:
+                raise CalibrationError(f"{label}: malformed calibration state: the {kind!r} statistics of tensor "
+                                       f"{name!r} cannot be read ({type(exc).__name__}: {exc})") from None
+        try:
             return cls(
-                fingerprint=str(data["model"]["fingerprint"]),
-                calibrator=str(data["calibrator"]),
-                statistics=statistics,
-                samples=int(data.get("samples", 0)),
-                batches=int(data.get("batches", 0)),
-                graph=str(data["model"].get("graph", "")),
+                fingerprint=fingerprint, calibrator=calibrator, statistics=statistics,
+                samples=int(data.get("samples", 0)), batches=int(data.get("batches", 0)),
+                graph=str(model.get("graph", "")),
             )
-        except CalibrationError:
-            raise
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise CalibrationError(f"{label}: malformed calibration state ({type(exc).__name__}: {exc})") from None
+        except (TypeError, ValueError) as exc:
+            raise CalibrationError(f"{label}: malformed calibration state: 'samples' and 'batches' must be integers "
+                                   f"({exc})") from None

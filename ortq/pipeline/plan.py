@@ -174,7 +174,8 @@ def _admit(
         elif isinstance(role, SameAs):
             source = node.input[role.input]
             if source not in quantized and source not in staged:
-                return LeaveFloat(f"its input {source!r} is not quantized, so moving it in 8 bits gains nothing")
+                return LeaveFloat(f"its input {source!r} is not quantized, so moving it in "
+                                  f"{config.activation.qtype.bits} bits gains nothing")
             tp = TensorPlan(name, role, None, False, node.name, source=source)
         else:
             tp = TensorPlan(name, role, config.activation, constant, node.name)

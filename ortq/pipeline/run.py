@@ -287,6 +287,7 @@ def quantize(
     progress: Callable[[int], None] | None = None,
     verify: bool = True,
     verify_samples: int = 64,
+    verify_progress: Callable[[int], None] | None = None,
     verification_data: Any = None,
     tensor_overrides: Mapping[str, Any] | str | Path | None = None,
     external_data: bool | None = None,
@@ -307,6 +308,7 @@ def quantize(
 
     Verification compares with the float model on the first ``verify_samples`` calibration samples; when
     the ranges come from a state, give ``verification_data`` (any calibration data source) to verify too.
+    ``progress`` and ``verify_progress`` get the sample count of each calibration and verification batch.
 
     ``tensor_overrides`` (a dict in ONNX Runtime's ``TensorQuantOverrides`` format, or a JSON file) gives
     per-tensor types, ranges, or exact scales and zero points; see :mod:`ortq.tensor_overrides`. A model
@@ -337,6 +339,7 @@ def quantize(
     index = GraphIndex(proto)
     plan = make_plan(toolkit, index, config, backend)
     given.apply(plan, index, config, backend, label)
+    _check_plan(backend, plan, proto)  # a target that cannot run the model says so before calibration
     observed = given.observed(plan)
     extra = _extra_observed(backend, proto, index, observed)
     timings["plan"] = time.perf_counter() - t0
@@ -393,7 +396,7 @@ def quantize(
     timings["rewrite"] = time.perf_counter() - t2
 
     t3 = time.perf_counter()
-    report = verify_model(proto, kept_feeds, kept_outputs, providers) if verify else VerificationReport()
+    report = verify_model(proto, kept_feeds, kept_outputs, providers, verify_progress) if verify else VerificationReport()
     low = report.min_sqnr_db
     if low is not None and low < LOW_SQNR_DB:
         log.warning(
@@ -415,6 +418,15 @@ def quantize(
             inputs["external data"] = p.external_files
             result.artifacts = _export_staged(backend, result, out.parent, inputs)
     return result
+
+
+def _check_plan(backend: Backend, plan: QuantPlan, model: onnx.ModelProto) -> None:
+    try:
+        backend.check_plan(plan, model)
+    except OrtqError:
+        raise
+    except Exception as exc:
+        raise PluginError(f"backend {backend.name!r} failed to check the plan: {exc!r}") from exc
 
 
 def _first_samples(batches: Iterable[dict[str, np.ndarray]], samples: int) -> Iterator[dict[str, np.ndarray]]:

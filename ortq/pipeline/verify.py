@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import onnx
@@ -50,8 +50,12 @@ def verify_model(
     feeds: list[dict[str, np.ndarray]],
     reference: list[dict[str, np.ndarray]],
     providers: Sequence[Any] | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> VerificationReport:
-    """Check the quantized model and compare its outputs on ``feeds`` with the float ``reference`` outputs."""
+    """Check the quantized model and compare its outputs on ``feeds`` with the float ``reference`` outputs.
+
+    ``progress`` gets each batch's sample count, as calibration's does (on a large model verification
+    takes long enough that a silent wait looks like a hang)."""
     try:
         check_model(quantized, full_check=True)  # path-based above the protobuf limit
     except onnx.checker.ValidationError as exc:
@@ -73,6 +77,8 @@ def verify_model(
         for n, value in zip(names, values):
             actual[n].append(np.asarray(value))
         report.samples += feed_samples(feed)
+        if progress is not None:
+            progress(feed_samples(feed))
     for n in names:
         ref, act = [np.asarray(r[n]) for r in reference], actual[n]
         flat_r = np.concatenate([x.reshape(-1) for x in ref])
