@@ -292,7 +292,7 @@ def test_failed_export_command_leaves_no_folder(tmp_path, cnn_files) -> None:
 def test_unknown_target_and_calibrator_list_what_exists(toolkit: ortq.Toolkit) -> None:
     with pytest.raises(ortq.ConfigError, match=r"no backend named 'gpu'; registered: cpu"):
         toolkit.quantize(tiny_cnn(), calibration_data=tiny_data(), target="gpu")
-    with pytest.raises(ortq.ConfigError, match=r"no calibrator named 'kmeans'; registered: entropy, minmax, mse, percentile"):
+    with pytest.raises(ortq.ConfigError, match=r"no calibrator named 'kmeans'; registered: auto, entropy, minmax, mse, percentile"):
         toolkit.quantize(tiny_cnn(), calibration_data=tiny_data(), calibrate_method="kmeans")
 
 

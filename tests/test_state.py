@@ -84,10 +84,12 @@ def test_bad_state_files_are_refused_without_running_anything(toolkit: ortq.Tool
 
 
 def test_state_file_is_documented_json(toolkit: ortq.Toolkit, tmp_path: Path) -> None:
-    path = toolkit.calibrate(tiny_cnn(), tiny_data()).save(tmp_path / "s.json")
+    path = toolkit.calibrate(tiny_cnn(), tiny_data(), calibrate_method="minmax").save(tmp_path / "s.json")
     data = json.loads(path.read_text())
     assert data["format"] == "ortq.calibration-state" and data["version"] == 1
     assert data["statistics"]["x"]["kind"] == "minmax"
+    default = toolkit.calibrate(tiny_cnn(), tiny_data())  # the default calibrator ("auto") keeps histograms
+    assert default.calibrator == "auto" and default.statistics["x"].kind == "histogram"
 
 
 def test_cli_calibrate_merge_and_quantize(toolkit: ortq.Toolkit, tmp_path: Path) -> None:

@@ -41,7 +41,9 @@ class QuantConfig:
     #: A calibrated |range| above this cannot be quantized usefully (masks filled with -1e9 or -3.4e38):
     #: the nodes touching that tensor stay float.
     extreme_range: float = 1e6
-    calibrator: str = "minmax"
+    #: "auto": per tensor, the range with the least expected quantization error, never worse than min/max
+    #: (measured in docs/accuracy.md). The ONNX Runtime drop-ins pass their own default, MinMax.
+    calibrator: str = "auto"
     #: Output format: "qdq" (QuantizeLinear/DequantizeLinear around float ops) or "qoperator" (integer
     #: kernels such as QLinearConv written into the file; see :mod:`ortq.rewrite_qoperator`).
     quant_format: str = "qdq"

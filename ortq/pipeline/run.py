@@ -23,7 +23,7 @@ from ortq.core.errors import CalibrationError, ConfigError, ModelError, OrtqErro
 from ortq.core.graph import GraphIndex, uses_float16
 from ortq.core.op_quantizer import Activation, SameAs
 from ortq.io.model_io import MIN_QDQ_OPSET, check_output_path, infer_shapes, model_opset, model_size, read_model, staged_save, upgrade_opset
-from ortq.pipeline.params import bias_params, compute_params
+from ortq.pipeline.params import bias_params, compute_params, tail_sensitive_tensors
 from ortq.core.plan import FloatNode, QuantPlan
 from ortq.core.report import QuantizationResult
 from ortq.pipeline.plan import make_plan
@@ -365,6 +365,7 @@ def quantize(
         )
         statistics, n_batches, n_samples = calibration.statistics, calibration.batches, calibration.samples
         kept_feeds, kept_outputs = calibration.kept_feeds, calibration.kept_outputs
+    calibrator.set_tail_sensitive(tail_sensitive_tensors(index))  # logits, Softmax inputs: keep their maximum
     ranges = _ranges(calibrator, statistics, plan, observed)
     extra_ranges = _extra_ranges(calibrator, statistics, extra, config, label)
     given.adjust_ranges(ranges)
