@@ -147,7 +147,12 @@ def _external(location: str | None = None, dims: list[int] | None = None) -> Cal
     return make
 
 
+def _missing_model(folder: Path) -> Inputs:
+    return Inputs(folder / "model.onnx", _npz(folder, **tiny_data(8)))
+
+
 MODEL_CASES = {
+    "missing-file": (_missing_model, r"model\.onnx: no such model file"),
     "empty-file": (_bytes_model(b""), r"model\.onnx: the file is empty"),
     "truncated-protobuf": (_bytes_model(tiny_cnn().SerializeToString()[:57]), r"model\.onnx: not an ONNX model"),
     "not-onnx": (_bytes_model(b"PK\x03\x04 this is a zip, not a model \xff\xfe" * 8), r"model\.onnx: not an ONNX model"),
@@ -748,3 +753,189 @@ def test_the_python_api_still_raises_on_a_broken_plugin() -> None:
     with pytest.raises(ortq.PluginError, match="broken_demo.*this plugin is broken"):
         ortq.Toolkit()
     assert "broken_demo" in ortq.Toolkit(on_plugin_error="skip").plugin_info
+
+
+# -- output a person can read --------------------------------------------------------------------------------
+
+
+def _bias_overflow_model(branches: int = 4) -> onnx.ModelProto:
+    """Parallel Convs with tiny weights and large biases: each bias overflows int32 at its weight's scale."""
+    rng = np.random.default_rng(0)
+    nodes, inits, outs = [], [], []
+    for i in range(branches):
+        inits.append(numpy_helper.from_array((rng.standard_normal((4, 3, 3, 3)) * 1e-4).astype(np.float32), f"w{i}"))
+        inits.append(numpy_helper.from_array(np.full(4, 1000.0 * (i + 1), np.float32), f"b{i}"))
+        nodes.append(helper.make_node("Conv", ["x", f"w{i}", f"b{i}"], [f"c{i}"], name=f"conv{i}", pads=[1, 1, 1, 1]))
+        outs.append(helper.make_tensor_value_info(f"c{i}", TensorProto.FLOAT, ["N", 4, 8, 8]))
+    graph = helper.make_graph(nodes, "bias", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                              outs, inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 7
+    return model
+
+
+def test_repeated_warnings_are_one_line_with_the_worst_case(tmp_path: Path) -> None:
+    """Before: one WARNING line per bias (26 on a real EfficientNet-class CNN)."""
+    model, data = _tiny(tmp_path, _bias_overflow_model()), _npz(tmp_path, **tiny_data(8))
+    cli = build_cli(ortq.Toolkit(autoload=False))
+    result = CliRunner().invoke(cli, ["quantize", str(model), "-o", str(tmp_path / "q.onnx"), "-d", str(data)])
+    assert result.exit_code == 0, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "bias 'b3' would overflow int32" in lines[0], lines[0]  # b3, the largest bias, widens most
+    assert lines[0].endswith("[the worst of 4 alike; -v lists them all]")
+    verbose = CliRunner().invoke(cli, ["-v", "quantize", str(model), "-o", str(tmp_path / "q.onnx"), "-d", str(data)])
+    assert verbose.exit_code == 0
+    each = [line for line in verbose.stderr.splitlines() if "would overflow int32" in line]
+    assert sorted(line.split("'")[1] for line in each) == ["b0", "b1", "b2", "b3"]
+    widest = max(each, key=lambda line: float(line.rsplit("up to ", 1)[1].rstrip("x")))
+    assert lines[0].startswith(widest), (lines[0], widest)
+
+
+def test_verification_reports_progress(tmp_path: Path) -> None:
+    seen: dict[str, int] = {"calibrating": 0, "verifying": 0}
+    ortq.Toolkit(autoload=False).quantize(
+        tiny_cnn(), calibration_data=tiny_data(32), batch_size=8, verify_samples=16,
+        progress=lambda n: seen.__setitem__("calibrating", seen["calibrating"] + n),
+        verify_progress=lambda n: seen.__setitem__("verifying", seen["verifying"] + n),
+    )
+    assert seen == {"calibrating": 32, "verifying": 16}
+
+
+def _many_float_transposes(branches: int = 5) -> onnx.ModelProto:
+    """Transposes after an op nobody quantizes: each stays float for a reason naming its own input."""
+    nodes, outs = [], []
+    for i in range(branches):
+        nodes.append(helper.make_node("Sin", ["x"], [f"s{i}"], name=f"sin{i}"))
+        nodes.append(helper.make_node("Transpose", [f"s{i}"], [f"t{i}"], name=f"transpose{i}", perm=[0, 1, 3, 2]))
+        outs.append(helper.make_tensor_value_info(f"t{i}", TensorProto.FLOAT, ["N", 3, 8, 8]))
+    graph = helper.make_graph(nodes, "t", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])], outs)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 7
+    return model
+
+
+def test_info_groups_float_reasons_by_kind(tmp_path: Path) -> None:
+    """Before: one line per Transpose, because each reason names a different tensor."""
+    model = _tiny(tmp_path, _many_float_transposes())
+    result = CliRunner().invoke(build_cli(ortq.Toolkit(autoload=False)), ["info", str(model)])
+    assert result.exit_code == 0, result.output
+    transposes = [line for line in result.stdout.splitlines() if "float Transpose" in line]
+    assert transposes == ["  float Transpose x5: its input '...' is not quantized, so moving it in 8 bits gains "
+                          "nothing [transpose0, transpose1, transpose2 (+2 more)]"], result.stdout
+
+
+def test_the_moving_it_reason_says_the_real_bit_width() -> None:
+    plan, _, _ = ortq.Toolkit(autoload=False).plan(_many_float_transposes(1), activation_type="int16")
+    (reason,) = [f.reason for f in plan.float_nodes if f.op_type == "Transpose"]
+    assert "moving it in 16 bits gains nothing" in reason
+
+
+@pytest.mark.subprocess
+def test_a_closed_stdout_pipe_is_a_quiet_exit(tmp_path: Path) -> None:
+    """``ortq info m.onnx | head -3``. Before: 'Error: internal error (BrokenPipeError)' and exit 1."""
+    model = _tiny(tmp_path, _many_float_transposes(40))
+    env = {**os.environ, "ORTQ_DISABLE_PLUGIN_AUTOLOAD": "1"}
+    child = subprocess.Popen([sys.executable, "-m", "ortq", "info", "--all-nodes", str(model)], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    child.stdout.close()  # the reader is gone before the first line
+    err = child.stderr.read().decode()
+    assert child.wait(timeout=120) == 0, err
+    assert err == ""
+
+
+def test_size_line_says_larger_when_the_model_grows(tmp_path: Path) -> None:
+    """Before: '0.002 MB -> 0.004 MB (0.62x smaller)'."""
+    from ortq.core.report import size_change
+
+    assert (size_change(4000, 1000), size_change(1000, 1600), size_change(5, 5)) == \
+        ("4.00x smaller", "1.60x larger", "same size")
+    model, data = _tiny(tmp_path, _bias_overflow_model()), _npz(tmp_path, **tiny_data(8))
+    result = CliRunner().invoke(build_cli(ortq.Toolkit(autoload=False)),
+                                ["quantize", str(model), "-o", str(tmp_path / "q.onnx"), "-d", str(data)])
+    (line,) = [line for line in result.stdout.splitlines() if line.startswith("size: ")]
+    assert line.endswith("x larger)"), line  # 8 tiny weights gain Q/DQ nodes and scales
+
+
+# -- errors in the user's words ------------------------------------------------------------------------------
+
+STATE_CASES["state-missing-field"] = (
+    _state_case(lambda _: json.dumps({"format": "ortq.calibration-state", "version": 1,
+                                      "model": {"fingerprint": "0"}, "calibrator": "minmax"})),
+    r"state\.json: malformed calibration state: the file has no 'statistics' field",
+)
+STATE_CASES["state-statistic-missing-field"] = (
+    _state_case(lambda _: json.dumps({"format": "ortq.calibration-state", "version": 1, "model": {"fingerprint": "0"},
+                                      "calibrator": "minmax", "statistics": {"r1": {"kind": "minmax"}}})),
+    r"state\.json: malformed calibration state: the 'minmax' statistics of tensor 'r1' have no 'min' field",
+)
+
+
+@pytest.mark.parametrize("case", ["state-missing-field", "state-statistic-missing-field"])
+def test_state_missing_a_field_names_it(tmp_path: Path, case: str) -> None:
+    """Before: 'malformed calibration state (KeyError: 'statistics')'."""
+    make, pattern = STATE_CASES[case]
+    _fails_cleanly(tmp_path, make, "quantize", pattern)
+
+
+@pytest.mark.parametrize("target, listed", [("cpu", "reduce_range='auto'"), ("esp32s3", "bits=8, model_name=None")])
+def test_unknown_backend_option_lists_the_valid_ones(tmp_path: Path, target: str, listed: str) -> None:
+    """Before: '__init__() got an unexpected keyword argument 'bogus''."""
+    inputs, inputs_dir, out_dir = _prepare(tmp_path, _data_case(**tiny_data(8)))
+    before_in, before_out = _snapshot(inputs_dir), _snapshot(out_dir)
+    args = [*_command("quantize", inputs, out_dir), "-t", target, "--backend-option", "bogus=1"]
+    line = _assert_one_line_error(CliRunner().invoke(build_cli(ortq.Toolkit(autoload=False)), args),
+                                  rf"backend '{target}' has no option 'bogus'; its options: ")
+    assert listed in line
+    assert _snapshot(out_dir) == before_out and _snapshot(inputs_dir) == before_in
+    shown = CliRunner().invoke(build_cli(ortq.Toolkit(autoload=False)), ["export", target, "--help"])
+    assert shown.exit_code == 0 and "Options (default):" in shown.stdout
+
+
+def test_usage_errors_exit_2_as_documented(tmp_path: Path) -> None:
+    """click's convention, documented in docs/hostile-inputs.md: usage errors exit 2 with the usage line."""
+    model = _tiny(tmp_path)
+    result = CliRunner().invoke(build_cli(ortq.Toolkit(autoload=False)), ["quantize", str(model), "--bogus"])
+    assert result.exit_code == 2
+    assert "Usage: " in result.stderr and "Error: No such option '--bogus'" in result.stderr
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "hostile-inputs.md").read_text()
+    assert "exit status 2" in docs
+
+
+def _sigmoid_cnn() -> onnx.ModelProto:
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Sigmoid", ["c1"], ["s"], name="sigmoid"),
+             helper.make_node("Conv", ["s", "w2"], ["y"], name="conv2", pads=[1, 1, 1, 1])]
+    inits = [numpy_helper.from_array((rng.standard_normal((4, 3, 3, 3)) * 0.3).astype(np.float32), "w1"),
+             numpy_helper.from_array((rng.standard_normal((4, 4, 3, 3)) * 0.3).astype(np.float32), "w2")]
+    graph = helper.make_graph(nodes, "sig", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 8, 8])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 7
+    return model
+
+
+def test_export_refuses_an_unsupported_model_before_calibrating(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before: the whole model was calibrated, verified (with a low-SQNR warning), then refused."""
+    import ortq.pipeline.run as run_module
+
+    def no_calibration(*args: object, **kwargs: object) -> None:
+        raise AssertionError("calibration ran before the target refused the model")
+
+    monkeypatch.setattr(run_module, "run_calibration", no_calibration)
+    model, data = _tiny(tmp_path, _sigmoid_cnn()), _npz(tmp_path, **tiny_data(8))
+    result = CliRunner().invoke(build_cli(ortq.Toolkit(autoload=False)),
+                                ["export", "esp32s3", str(model), "-o", str(tmp_path / "out"), "-d", str(data)])
+    _assert_one_line_error(result, r"node 'sigmoid' \(Sigmoid\) cannot run on esp32s3")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("kind", ["quantize", "dynamic", "calibrate"])
+def test_output_folder_missing_fails_before_any_work(tmp_path: Path, kind: str) -> None:
+    inputs, inputs_dir, out_dir = _prepare(tmp_path, _data_case(**tiny_data(8)))
+    before_in, before_out = _snapshot(inputs_dir), _snapshot(out_dir)
+    args = _command(kind, inputs, out_dir / "missing")
+    result = CliRunner().invoke(build_cli(ortq.Toolkit(autoload=False)), args)
+    _assert_one_line_error(result, r"output folder '.*missing' does not exist")
+    assert _snapshot(out_dir) == before_out and _snapshot(inputs_dir) == before_in
