@@ -162,3 +162,17 @@ def test_clip_that_v1_1_cannot_run_is_refused_with_the_reason(tmp_path: Path) ->
 def test_esp32p4_has_no_v1_1_release() -> None:
     with pytest.raises(ValueError, match="esp32p4 has no ESP-DL v1.1 release"):
         Esp32Backend(chip="esp32p4", format="cpp")
+
+
+@pytest.mark.parametrize(("target", "options"), [("esp32p4", {}), ("esp32s3", {"format": "espdl"})])
+def test_espdl_format_writes_the_v3_model_file(tmp_path: Path, target: str, options: dict) -> None:
+    from ortq.plugins.backends.esp32.espdl import read_espdl
+
+    rng = np.random.default_rng(4)
+    x = rng.normal(0, 1, (16, 3, 8, 8)).astype(np.float32)
+    result = ortq.Toolkit(autoload=False).quantize(
+        residual_cnn(rng), tmp_path / "resnet.onnx", calibration_data={"input": x}, target=target, backend_options=options,
+    )
+    assert [p.name for p in result.artifacts] == ["resnet.espdl"]
+    assert (tmp_path / "resnet.espdl").read_bytes()[:4] == b"EDL2"
+    read_espdl(tmp_path / "resnet.espdl")

@@ -224,7 +224,9 @@ class Esp32Backend(Backend):
                 f"the ESP-DL v3 .espdl writer is not available in this version of ortq, so {self.spec.chip} "
                 "cannot be exported as .espdl yet"
             ) from None
-        return [Path(p) for p in _as_list(write_espdl(result, out_dir / f"{name}.espdl", self.spec))]
+        path = out_dir / f"{name}.espdl"
+        write_espdl(result.model, self.spec.chip, path)
+        return [path]
 
     # -- host simulation ---------------------------------------------------------------------------------
     def evaluate(
@@ -281,12 +283,6 @@ class Esp32Backend(Backend):
         path = Path(out_dir) / f"{name}_evaluation.md"
         write_file_atomic(path, "\n".join(lines) + "\n")
         return path
-
-
-def _as_list(written: object) -> list:
-    if written is None:
-        return []
-    return list(written) if isinstance(written, (list, tuple)) else [written]
 
 
 def _unsupported_shape(node: onnx.NodeProto, ctx: PlanContext) -> str | None:
