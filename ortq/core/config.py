@@ -48,6 +48,14 @@ class QuantConfig:
     #: kernels such as QLinearConv written into the file; see :mod:`ortq.rewrite_qoperator`).
     quant_format: str = "qdq"
     calibrator_options: dict[str, Any] = field(default_factory=dict)
+    #: Subtract the mean output shift that weight rounding causes from Conv/Gemm/MatMul biases
+    #: (:mod:`ortq.pipeline.bias_correction`); needs calibration data.
+    bias_correction: bool = False
+    #: "gptq": round weights layer by layer against the inputs' second moments
+    #: (:mod:`ortq.pipeline.weight_rounding`); None rounds to nearest.
+    weight_rounding: str | None = None
+    #: Cross-layer equalization of Conv pairs before calibration (:mod:`ortq.pipeline.equalize`).
+    equalize: bool = False
     #: A calibrated range narrower than this is widened to it (ONNX Runtime's ``MinimumRealRange``), so a
     #: nearly constant tensor does not get a scale so fine that kernels lose precision on the requantization.
     min_real_range: float | None = None

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -121,15 +121,22 @@ def run_calibration(
     session_options: "ort.SessionOptions | None" = None,
     progress: Progress | None = None,
     keep_samples: int = 0,
+    extra_updates: Mapping[str, Callable[[np.ndarray], None]] | None = None,
 ) -> CalibrationResult:
     """Feed every batch through the observed model and return one statistic per tensor.
 
     The first ``keep_samples`` samples' feeds and outputs are kept in the result for verification.
+    ``extra_updates`` adds, per observed tensor, a function that also sees each batch's values in the same
+    pass (per-channel means for bias correction, second moments for weight rounding); they must keep
+    flat-size state.
     Observer nodes are added to ``model`` only while it is serialized for the session, then removed, so
     the weights are never copied; do not share ``model`` with another thread during the call. A model over
     the protobuf limit reaches ONNX Runtime through a temporary file with external data.
     """
-    session = ObservedSession(model, index, tensors, calibrator, providers=providers, session_options=session_options)
+    session = ObservedSession(
+        model, index, tensors, calibrator, providers=providers, session_options=session_options,
+        extra_updates=extra_updates,
+    )
     return session.observe(batches, progress=progress, keep_samples=keep_samples)
 
 
@@ -149,6 +156,7 @@ class ObservedSession:
         *,
         providers: Sequence[Any] | None = None,
         session_options: "ort.SessionOptions | None" = None,
+        extra_updates: Mapping[str, Callable[[np.ndarray], None]] | None = None,
     ) -> None:
         import onnxruntime as ort
 
@@ -157,6 +165,7 @@ class ObservedSession:
         self.tensors = list(tensors)
         self._calibrator = calibrator
         self._statistics: dict[str, Statistic] = {}
+        self._extra = dict(extra_updates or {})
         self._sink = ObserverSink(self.tensors, [self._updater(name) for name in self.tensors])
         so = session_options if session_options is not None else ort.SessionOptions()
         so.register_custom_ops_library(library_path())
@@ -177,7 +186,15 @@ class ObservedSession:
         self._fetch = [o.name for o in model.graph.output]  # ONNX Runtime runs every node, sinks included
 
     def _updater(self, name: str) -> Callable[[np.ndarray], None]:
-        return lambda values: self._statistics[name].update(values)
+        extra = self._extra.get(name)
+        if extra is None:
+            return lambda values: self._statistics[name].update(values)
+
+        def update(values: np.ndarray) -> None:
+            self._statistics[name].update(values)
+            extra(values)
+
+        return update
 
     def observe(
         self,

@@ -17,6 +17,9 @@ import numpy as np
 import onnx
 
 from ortq.pipeline.calibrate import run_calibration
+from ortq.pipeline.equalize import equalize
+from ortq.pipeline.layer_corrections import apply_corrections, layer_statistics
+from ortq.pipeline.weight_rounding import WEIGHT_ROUNDING
 from ortq.core.config import PASS_THROUGH_OPTIONS, QuantConfig, parse_quant_format
 from ortq.io.data import feed_samples, iter_batches, model_inputs
 from ortq.core.errors import CalibrationError, ConfigError, ModelError, OrtqError, PluginError
@@ -67,6 +70,9 @@ def resolve_config(backend: Backend, **overrides: Any) -> QuantConfig:
     config.per_channel = _pick(overrides.get("per_channel"), config.per_channel)
     config.quantize_bias = _pick(overrides.get("quantize_bias"), config.quantize_bias)
     config.matmul_const_b_only = _pick(overrides.get("matmul_const_b_only"), config.matmul_const_b_only)
+    config.equalize = bool(_pick(overrides.get("equalize"), config.equalize))
+    config.bias_correction = bool(_pick(overrides.get("bias_correction"), config.bias_correction))
+    config.weight_rounding = _weight_rounding(_pick(overrides.get("weight_rounding"), config.weight_rounding))
     config.extreme_range = float(_pick(overrides.get("extreme_range"), config.extreme_range))
     if overrides.get("op_types_to_quantize"):
         config.op_types = frozenset(overrides["op_types_to_quantize"])
@@ -93,6 +99,15 @@ def resolve_config(backend: Backend, **overrides: Any) -> QuantConfig:
 
 def _pick(value: Any, default: Any) -> Any:
     return default if value is None else value
+
+
+def _weight_rounding(value: Any) -> str | None:
+    if value in (None, False, "", "none", "nearest"):
+        return None
+    name = "gptq" if value is True else str(value).lower()
+    if name not in WEIGHT_ROUNDING:
+        raise ConfigError(f"weight_rounding {value!r} is not one of none, {', '.join(WEIGHT_ROUNDING)}")
+    return name
 
 
 @dataclass
@@ -149,6 +164,8 @@ def _prepare(
     except Exception as exc:  # shape inference is a help, never a requirement
         log.warning("%s: shape inference failed (%s); tensors of unknown type stay float", label, exc)
     warn_if_not_preprocessed(proto, label)
+    if config.equalize:  # before planning and calibration: ranges are those of the equalized model
+        equalize(proto, label, config.nodes_to_exclude)
     return _Prepared(
         backend, config, proto, float_bytes, label, digest, loaded.external_data, loaded.external_files
     )
@@ -342,6 +359,7 @@ def quantize(
     _check_plan(backend, plan, proto)  # a target that cannot run the model says so before calibration
     observed = given.observed(plan)
     extra = _extra_observed(backend, proto, index, observed)
+    corrections = layer_statistics(config, index, plan, observed) if state is None else None
     timings["plan"] = time.perf_counter() - t0
 
     t1 = time.perf_counter()
@@ -362,6 +380,7 @@ def quantize(
         calibration = run_calibration(
             proto, index, observed + extra, calibrator, batches, providers=providers,
             session_options=session_options, progress=progress, keep_samples=verify_samples if verify else 0,
+            extra_updates=corrections.updates() if corrections is not None else None,
         )
         statistics, n_batches, n_samples = calibration.statistics, calibration.batches, calibration.samples
         kept_feeds, kept_outputs = calibration.kept_feeds, calibration.kept_outputs
@@ -387,6 +406,7 @@ def quantize(
         given.apply(plan, index, config, backend, label, strict=False)
     else:
         raise ModelError(f"{label}: quantization plan did not settle after {_MAX_REPLANS} rounds of vetoes")
+    apply_corrections(corrections, config, index, plan, params, label)  # weights, then biases: scales are final
     rewrite_qdq(proto, index, plan, params, bias_params(plan, params, index))
     if config.quant_format == "qoperator":
         convert_to_qoperator(proto, toolkit)  # logs each node left in QDQ form and why
@@ -560,6 +580,7 @@ SCHEME_OPTIONS = {
     "activation_type", "weight_type", "activation_symmetric", "weight_symmetric", "per_channel", "reduce_range",
     "quantize_bias", "matmul_const_b_only", "op_types_to_quantize", "nodes_to_quantize", "nodes_to_exclude",
     "op_types_no_output_quantization", "calibrate_method", "calibrator_options", "extreme_range", "backend_options",
+    "bias_correction", "weight_rounding", "equalize",
     "quant_format", *PASS_THROUGH_OPTIONS,
 }
 def _compact(model: onnx.ModelProto) -> onnx.ModelProto:
