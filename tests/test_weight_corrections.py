@@ -47,8 +47,8 @@ def _conv_chain(between: list[tuple[str, list[str], dict]]) -> onnx.ModelProto:
         helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
         helper.make_node("Conv", ["r2", "w3", "b3"], ["y"], name="pw"),
     ]
-    graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 12, 12])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 12, 12])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8, "H", "W"])], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
@@ -182,3 +182,25 @@ def test_unknown_weight_rounding_is_one_clear_error():
     with pytest.raises(ortq.ConfigError, match="weight_rounding"):
         ortq.quantize(_conv_chain([]), calibration_data=[{"x": np.zeros((1, 3, 12, 12), np.float32)}],
                       weight_rounding="adaround")
+
+
+def test_cli_flags_reach_the_pipeline(tmp_path):
+    """--equalize --bias-correction --weight-rounding gptq on a small chain: a valid model close to float."""
+    from click.testing import CliRunner
+
+    from ortq.api.cli import build_cli
+
+    model = _conv_chain([("Relu", [], {})])
+    onnx.save(model, tmp_path / "chain.onnx")
+    data = {"x": (RNG.standard_normal((16, 3, 12, 12)) + 0.5).astype(np.float32)}
+    np.savez(tmp_path / "data.npz", **data)
+    result = CliRunner().invoke(build_cli(ortq.Toolkit()), [
+        "quantize", str(tmp_path / "chain.onnx"), "-o", str(tmp_path / "q.onnx"), "--calibration-data",
+        str(tmp_path / "data.npz"), "--per-tensor", "--equalize", "--bias-correction", "--weight-rounding", "gptq",
+    ])
+    assert result.exit_code == 0, result.output
+    quantized = onnx.load(tmp_path / "q.onnx")
+    onnx.checker.check_model(quantized, full_check=True)
+    x = {"x": data["x"][:4]}
+    ref, out = _run(model, x), _run(quantized, x)
+    assert 10 * np.log10(np.sum(ref ** 2) / np.sum((ref - out) ** 2)) > 20

@@ -305,6 +305,12 @@ def build_cli(toolkit: Toolkit) -> click.Group:
     @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Calibration batch size for dynamic batch axes.")
     @click.option("--max-samples", type=click.IntRange(min=1), default=None)
     @click.option("--extreme-range", type=float, default=None, help="Keep float any tensor whose |range| exceeds this.")
+    @click.option("--bias-correction/--no-bias-correction", default=None,
+                  help="Subtract the mean output shift of weight rounding from Conv/Gemm/MatMul biases.")
+    @click.option("--weight-rounding", type=click.Choice(["none", "gptq"]), default=None,
+                  help="gptq: round weights layer by layer against the calibration inputs' second moments (slower).")
+    @click.option("--equalize/--no-equalize", default=None,
+                  help="Cross-layer equalization of Conv pairs before calibration (helps per-tensor weights).")
     @click.option("--verify/--no-verify", default=True, show_default=True, help="Compare with the float model on calibration samples.")
     @click.option("--backend-option", multiple=True, metavar="KEY=VALUE", help="Option for the target backend; repeatable.")
     @click.option("--tensor-overrides", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -326,6 +332,7 @@ def build_cli(toolkit: Toolkit) -> click.Group:
         dynamically (--mode dynamic) to ONNX Runtime's DynamicQuantizeMatMul without calibration."""
         target_spec = _accuracy_target(**{k: image_flags.pop(k) for k in _ACCURACY_FLAGS})
         tensor_overrides = image_flags.pop("tensor_overrides")
+        corrections = {k: image_flags.pop(k) for k in ("bias_correction", "weight_rounding", "equalize")}
         on_ray = _ray_call(image_flags.pop("ray_address"), image_flags.pop("ray_workers"))
         if on_ray and (mode == "dynamic" or calibration_state is not None):
             raise click.UsageError("--ray calibrates static quantization from --calibration-data shards")
@@ -362,7 +369,7 @@ def build_cli(toolkit: Toolkit) -> click.Group:
             weight_type=weight_type, per_channel=per_channel, activation_symmetric=activation_symmetric,
             weight_symmetric=weight_symmetric, reduce_range=reduce_range, op_types_to_quantize=_csv(op_types),
             nodes_to_quantize=_csv(nodes_to_quantize), nodes_to_exclude=_csv(nodes_to_exclude), batch_size=batch_size,
-            max_samples=max_samples, extreme_range=extreme_range, quant_format=quant_format,
+            max_samples=max_samples, extreme_range=extreme_range, quant_format=quant_format, **corrections,
         )
         if target_spec is not None:
             accuracy, eval_data, labels, max_rank_trials, fallback = target_spec
