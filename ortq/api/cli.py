@@ -312,6 +312,11 @@ def build_cli(toolkit: Toolkit) -> click.Group:
     @click.option("--equalize/--no-equalize", default=None,
                   help="Cross-layer equalization of Conv pairs before calibration (helps per-tensor weights).")
     @click.option("--verify/--no-verify", default=True, show_default=True, help="Compare with the float model on calibration samples.")
+    @click.option("--sqnr-floor", type=float, default=None, metavar="DB",
+                  help="Below this verified output SQNR, keep the worst tensors in 16 bits (float last) until it holds "
+                       "(default 15; 0 turns the fallback off).")
+    @click.option("--strict", is_flag=True, default=False,
+                  help="Exit non-zero when the output SQNR stays below the floor (the best model is still written).")
     @click.option("--backend-option", multiple=True, metavar="KEY=VALUE", help="Option for the target backend; repeatable.")
     @click.option("--tensor-overrides", type=click.Path(dir_okay=False, path_type=Path), default=None,
                   help="JSON file of per-tensor overrides in ONNX Runtime's TensorQuantOverrides format (quant_type, "
@@ -331,6 +336,8 @@ def build_cli(toolkit: Toolkit) -> click.Group:
         """Quantize MODEL: statically to QDQ form (from calibration data or a saved calibration state), or
         dynamically (--mode dynamic) to ONNX Runtime's DynamicQuantizeMatMul without calibration."""
         target_spec = _accuracy_target(**{k: image_flags.pop(k) for k in _ACCURACY_FLAGS})
+        sqnr_floor, strict = image_flags.pop("sqnr_floor"), image_flags.pop("strict")
+        floor = {"strict": strict, **({"sqnr_floor": sqnr_floor or None} if sqnr_floor is not None else {})}
         tensor_overrides = image_flags.pop("tensor_overrides")
         corrections = {k: image_flags.pop(k) for k in ("bias_correction", "weight_rounding", "equalize")}
         on_ray = _ray_call(image_flags.pop("ray_address"), image_flags.pop("ray_workers"))
@@ -389,7 +396,7 @@ def build_cli(toolkit: Toolkit) -> click.Group:
         if on_ray:
             result = toolkit.quantize(
                 model, output, calibration_data=calibration_data, target=target, verify=verify,
-                tensor_overrides=tensor_overrides, **on_ray, **options,
+                tensor_overrides=tensor_overrides, **on_ray, **floor, **options,
             )
         else:
             bars, callbacks = _quantize_progress(calibration_data, max_samples)
@@ -397,7 +404,7 @@ def build_cli(toolkit: Toolkit) -> click.Group:
                 result = toolkit.quantize(
                     model, output, calibration_data=calibration_data, calibration_state=calibration_state,
                     target=target, session_options=_make_session_options(intra_op_threads), verify=verify,
-                    tensor_overrides=tensor_overrides, **callbacks, **options,
+                    tensor_overrides=tensor_overrides, **callbacks, **floor, **options,
                 )
         click.echo(result.summary())
         click.echo(f"wrote {result.output}")

@@ -347,6 +347,9 @@ def quantize_static(
     kwargs: dict[str, Any] = dict(
         target=target, providers=calibration_providers,
         external_data=True if use_external_data_format else None, **options,
+        # ONNX Runtime writes the model it calibrated, however far it drifted (and a reader is read once):
+        # the drop-in keeps that, without ortq's SQNR-floor fallback (docs/accuracy.md).
+        sqnr_floor=None,
     )
     cache = Path(calibration_cache_path) if calibration_cache_path is not None else None
     if cache is not None and cache.exists():

@@ -57,6 +57,9 @@ class QuantizationResult:
     artifacts: list[Path] = field(default_factory=list)
     #: Dynamic quantization (:func:`quantize_dynamic`): no ranges, no calibration.
     dynamic: bool = False
+    #: What the SQNR-floor fallback of ``Toolkit.quantize`` kept in higher precision, one line each (empty
+    #: when the first model met the floor).
+    fallback: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         """A few lines for humans (the CLI prints this)."""
@@ -78,6 +81,7 @@ class QuantizationResult:
             )
         for tensor, reason in self.vetoes.items():
             lines.append(f"kept float around {tensor!r}: {reason}")
+        lines.extend(self.fallback)
         return "\n".join(lines)
 
 
