@@ -25,7 +25,10 @@ from ortq.core.errors import CalibrationDataError
 from ortq.io.images import ImageOptions, is_image_folder, iter_image_batches
 from ortq.io.inputs import DEFAULT_BATCH_SIZE, InputSpec, model_inputs
 
-__all__ = ["InputSpec", "model_inputs", "iter_batches", "feed_samples", "load_npz", "load_npy", "DEFAULT_BATCH_SIZE"]
+__all__ = [
+    "InputSpec", "model_inputs", "iter_batches", "feed_samples", "load_npz", "load_npy", "batch_entries",
+    "read_batch_entry", "DEFAULT_BATCH_SIZE",
+]
 
 log = logging.getLogger(__name__)
 
@@ -123,17 +126,26 @@ def _from_path(
 
     if is_image_folder(path, image_options):
         return iter_image_batches(path, inputs, batch_size, image_options)
-    entries = sorted(p for p in path.iterdir() if not p.name.startswith("."))
-    npz_files = [p for p in entries if p.suffix == ".npz"]
-    dirs = [p for p in entries if p.is_dir()]
-    if npz_files:
-        return (load_npz(p) for p in npz_files)
-    if dirs:
-        return (_load_sample_dir(d, inputs) for d in dirs)
+    entries = batch_entries(path)
+    if entries:
+        return (read_batch_entry(entry, inputs) for entry in entries)
     raise CalibrationDataError(
         f"{path}: found no calibration data (expected <input>.npy files, *.npz files, sample sub-folders, "
         "or image files)"
     )
+
+
+def batch_entries(folder: Path) -> list[Path]:
+    """The entries of a folder of batches, in the order they are read: its ``*.npz`` files, or else its
+    sample sub-folders (each entry is one batch). Empty if the folder holds neither."""
+    entries = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+    return [p for p in entries if p.suffix == ".npz"] or [p for p in entries if p.is_dir()]
+
+
+def read_batch_entry(entry: Path, inputs: list[InputSpec]) -> dict[str, np.ndarray]:
+    """One entry of :func:`batch_entries` as the batch the folder reader makes of it (never re-split), so a
+    distributed run reading entries one by one sees exactly the batches a single process sees."""
+    return _load_sample_dir(entry, inputs) if entry.is_dir() else load_npz(entry)
 
 
 def _safe(name: str) -> str:

@@ -51,10 +51,22 @@ DEFAULT_RETRIES = 2
 @dataclass(frozen=True)
 class Shard:
     """One unit of work: a name for messages and progress, and a source :func:`ortq.io.data.iter_batches`
-    reads (a path, a dict of arrays, a reader) or a ``ray.data.Dataset`` split."""
+    reads (a path, a dict of arrays, a reader) or a ``ray.data.Dataset`` split. ``batch_entry``: the source is
+    one entry of a folder of batches, read as exactly the one batch the folder reader makes of it."""
 
     name: str
     source: Any
+    batch_entry: bool = False
+
+    def batches(self, inputs: list[Any], batch_size: int | None) -> Iterator[dict[str, Any]]:
+        """The validated feeds of this shard, as a single process reading the whole data would see them."""
+        from ortq.io.data import iter_batches, read_batch_entry
+
+        if _is_ray_dataset(self.source):
+            return _dataset_batches(self.source, batch_size)
+        if self.batch_entry:
+            return iter_batches([read_batch_entry(Path(self.source), inputs)], inputs, batch_size)
+        return iter_batches(self.source, inputs, batch_size)
 
 
 def import_ray() -> Any:
@@ -69,7 +81,8 @@ def import_ray() -> Any:
 def shards_of(data: Any, workers: int | None = None) -> list[Shard]:
     """Split ``data`` into shards.
 
-    - a folder: each ``*.npz`` file, or each sub-folder (any layout ``iter_batches`` reads), is a shard;
+    - a folder of batches: each ``*.npz`` file, or else each sample sub-folder, is a shard (one batch, as the
+      folder reader reads it, so the statistics are exactly a single process's);
     - a list or tuple: each item is a shard (paths, dicts of arrays, readers);
     - a ``ray.data.Dataset``: split into ``workers`` parts (its columns are the model's inputs).
     A single file is one shard: it gains nothing from a cluster, but runs.
@@ -87,13 +100,14 @@ def shards_of(data: Any, workers: int | None = None) -> list[Shard]:
             raise CalibrationDataError(f"{path}: no such calibration data file or folder")
         if path.is_file():
             return [Shard(str(path), path)]
-        entries = sorted(p for p in path.iterdir() if not p.name.startswith("."))
-        parts = [p for p in entries if p.suffix == ".npz"] or [p for p in entries if p.is_dir()]
+        from ortq.io.data import batch_entries
+
+        parts = batch_entries(path)
         if not parts:
             raise CalibrationDataError(
-                f"{path}: found no shards (expected *.npz files or sub-folders, one per shard)"
+                f"{path}: found no shards (expected *.npz files or sample sub-folders, one batch per shard)"
             )
-        return [Shard(str(p), p) for p in parts]
+        return [Shard(str(p), p, batch_entry=True) for p in parts]
     return [Shard("data", data)]
 
 
@@ -121,14 +135,7 @@ class _CalibrationWorker:
         self._session = ObservedSession(model, GraphIndex(model), job.tensors, calibrator, providers=providers)
 
     def observe(self, shard: Shard, batch_size: int | None) -> CalibrationState:
-        from ortq.io.data import iter_batches
-
-        source = shard.source
-        if _is_ray_dataset(source):
-            batches: Any = _dataset_batches(source, batch_size)
-        else:
-            batches = iter_batches(source, self._inputs, batch_size)
-        return self._job.state(self._session.observe(batches))
+        return self._job.state(self._session.observe(shard.batches(self._inputs, batch_size)))
 
 
 def _dataset_batches(dataset: Any, batch_size: int | None) -> Iterator[dict[str, Any]]:
@@ -307,13 +314,17 @@ class _EvaluationWorker:
         )
 
     def score(self, shard: Shard, labels: str | None, batch_size: int | None) -> Any:
-        from ortq.io.data import iter_batches
+        from ortq.io.data import iter_batches, read_batch_entry
         from ortq.tools.evaluate import resolve_labels, score_batches
 
-        label_array, source = resolve_labels(labels, shard.source) if labels is not None else (None, shard.source)
+        source = read_batch_entry(Path(shard.source), self._inputs) if shard.batch_entry else shard.source
+        label_array, source = resolve_labels(labels, source) if labels is not None else (None, source)
+        if shard.batch_entry:
+            batches: Any = iter_batches([source], self._inputs, batch_size)
+        else:
+            batches = Shard(shard.name, source).batches(self._inputs, batch_size)
         trim = not any(spec.shape and spec.shape[0] is not None for spec in self._inputs)
-        scored = score_batches(self._models, iter_batches(source, self._inputs, batch_size), copy.deepcopy(self._pairs),
-                               label_array, None, trim)
+        scored = score_batches(self._models, batches, copy.deepcopy(self._pairs), label_array, None, trim)
         if label_array is not None and scored.samples != len(label_array):
             raise ConfigError(f"{shard.name}: labels hold {len(label_array)} entries, the data {scored.samples} sample(s)")
         scored.first_feed = None  # scores travel back, never activations
