@@ -374,6 +374,48 @@ def worker(name: str, config: str, small: bool, runs: int, workdir: Path) -> dic
     return record
 
 
+def interleaved_latency(name: str, configs: list[str], small: bool, runs: int, workdir: Path) -> dict[str, dict]:
+    """One-thread latency of the float model and every quantized model of ``configs``, measured round-robin
+    (one run of each model per round, after 5 warm-up rounds), so that load from other processes on the
+    shared machine hits every model alike. Median and p90 per model."""
+    import onnxruntime as ort
+
+    case = prepare_case(name, small)
+    sample = case.evaluation[0]
+    paths = {"float": case.model_path}
+    paths.update({c: workdir / f"{name}.{c}.onnx" for c in configs if (workdir / f"{name}.{c}.onnx").exists()})
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
+    sessions = {c: ort.InferenceSession(str(p), so, providers=["CPUExecutionProvider"]) for c, p in paths.items()}
+    times: dict[str, list[float]] = {c: [] for c in sessions}
+    for r in range(5 + runs):
+        for c, sess in sessions.items():
+            t = time.perf_counter()
+            sess.run(None, sample)
+            if r >= 5:
+                times[c].append((time.perf_counter() - t) * 1e3)
+    out = {}
+    for c, ts in times.items():
+        ts.sort()
+        out[c] = {"median_ms": statistics.median(ts), "p90_ms": ts[int(0.9 * (len(ts) - 1))], "runs": len(ts)}
+    return out
+
+
+def spawn_latency(name: str, configs: list[str], small: bool, runs: int, workdir: Path) -> dict[str, dict]:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / f"{name}__latency{'__small' if small else ''}.json"
+    cmd = [sys.executable, str(HERE / "run.py"), "_latency", name, ",".join(configs), "--runs", str(runs),
+           "--workdir", str(workdir), "--json", str(out)] + (["--small"] if small else [])
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0 or not out.exists():
+        return {"error": (proc.stderr or proc.stdout).strip().splitlines()[-1:]}
+    return json.loads(out.read_text())
+
+
 def spawn_worker(name: str, config: str, small: bool, runs: int, workdir: Path, timeout: float) -> dict[str, Any]:
     """Run :func:`worker` in a fresh interpreter (``run.py _worker``) and read back its JSON record."""
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -86,7 +86,7 @@ def tables(records: list[dict]) -> str:
         keys = list(anyrec.get("metrics", {}))
         lines += [f"**{case}** — {anyrec.get('kind', '')}; {anyrec.get('calibration_samples', '?')} calibration / "
                   f"{anyrec.get('evaluation_samples', '?')} evaluation samples", "",
-                  "| config | " + " | ".join(keys) + " | quantize s | peak RSS MB (Δ) | latency ms (1 thr) | MB |",
+                  "| config | " + " | ".join(keys) + " | quantize s | peak RSS MB (Δ) | latency ms (1 thr, median) | MB |",
                   "|---|" + "---|" * (len(keys) + 4)]
         for cfg, r in recs.items():
             if r.get("error"):
@@ -113,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "_worker":
         return _worker_main(argv[1:])
+    if argv and argv[0] == "_latency":
+        return _latency_main(argv[1:])
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cases", help="comma-separated case names (default: all in cases/)")
     ap.add_argument("--configs", help=f"comma-separated configs (default: all): {','.join(harness.CONFIGS)}")
@@ -121,6 +123,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per worker")
     ap.add_argument("--workdir", type=Path, help="where quantized models go (default: <cache>/quantized)")
     ap.add_argument("--report", action="store_true", help="only tabulate the JSON records already written")
+    ap.add_argument("--latency-only", action="store_true",
+                    help="re-measure only the interleaved latency of the models already quantized, then tabulate")
+    ap.add_argument("--no-latency", action="store_true",
+                    help="skip the final interleaved latency pass (keep each worker's own timing)")
     args = ap.parse_args(argv)
     cases = args.cases.split(",") if args.cases else harness.case_names()
     configs = (args.configs.split(",") if args.configs
@@ -133,12 +139,16 @@ def main(argv: list[str] | None = None) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     suffix = "__small" if args.small else ""
     records: list[dict] = []
-    if args.report:
+    if args.report or args.latency_only:
         for case in cases:
             for cfg in ["float"] + configs:
                 p = harness.RESULTS / f"{case}__{cfg}{suffix}.json"
                 if p.exists():
                     records.append(json.loads(p.read_text()))
+        if args.latency_only:
+            for case in cases:
+                print(f"{case} / interleaved latency ...", file=sys.stderr, flush=True)
+                _latency_pass(records, case, configs, args.small, runs, workdir, suffix)
     else:
         have_nncf = harness.nncf_available()
         t0 = time.perf_counter()
@@ -162,6 +172,9 @@ def main(argv: list[str] | None = None) -> int:
                         break
                 else:
                     print(f"    {rec['metrics']}  ({time.perf_counter() - t:.0f} s)", file=sys.stderr, flush=True)
+            if not args.no_latency:
+                print(f"[{time.perf_counter() - t0:6.0f}s] {case} / interleaved latency ...", file=sys.stderr, flush=True)
+                _latency_pass(records, case, configs, args.small, runs, workdir, suffix)
     records = _order(records, cases, configs)
     md = tables(records)
     print(md)
@@ -169,6 +182,33 @@ def main(argv: list[str] | None = None) -> int:
     (harness.RESULTS / f"results{suffix}.md").write_text(md + "\n")
     (harness.RESULTS / f"results{suffix}.json").write_text(json.dumps(records, indent=1))
     print(f"\nwritten: {harness.RESULTS / f'results{suffix}.md'}", file=sys.stderr)
+    return 0
+
+
+def _latency_pass(records: list[dict], case: str, configs: list[str], small: bool, runs: int, workdir: Path,
+                  suffix: str) -> None:
+    """Replace each record's latency by the interleaved measurement (the worker's own stays as *_isolated)."""
+    lat = harness.spawn_latency(case, configs, small, runs, workdir)
+    for rec in records:
+        if rec["case"] == case and rec["config"] in lat and not rec.get("error"):
+            rec.setdefault("latency_ms_isolated", rec["latency_ms_median"])
+            rec["latency_ms_median"] = lat[rec["config"]]["median_ms"]
+            rec["latency_ms_p90"] = lat[rec["config"]]["p90_ms"]
+            rec["latency_interleaved"] = True
+            (harness.RESULTS / f"{case}__{rec['config']}{suffix}.json").write_text(json.dumps(rec, indent=1))
+
+
+def _latency_main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("case")
+    ap.add_argument("configs")
+    ap.add_argument("--small", action="store_true")
+    ap.add_argument("--runs", type=int, default=30)
+    ap.add_argument("--workdir", type=Path, required=True)
+    ap.add_argument("--json", type=Path, required=True)
+    a = ap.parse_args(argv)
+    lat = harness.interleaved_latency(a.case, a.configs.split(","), a.small, a.runs, a.workdir)
+    a.json.write_text(json.dumps(lat, indent=1))
     return 0
 
 
