@@ -56,6 +56,12 @@ class QuantConfig:
     weight_rounding: str | None = None
     #: Cross-layer equalization of Conv pairs before calibration (:mod:`ortq.pipeline.equalize`).
     equalize: bool = False
+    #: SmoothQuant (:mod:`ortq.pipeline.smooth_quant`): divide MatMul/Gemm input channels by s, multiply the
+    #: weight rows by s, folded into the op before (no op added); a first pass over the calibration data
+    #: gathers the channel statistics. Off by default: measured in docs/algorithms.md.
+    smooth_quant: bool = False
+    #: Pin SmoothQuant's migration strength (0 < alpha < 1); None picks it per tensor by the consumers' error.
+    smooth_quant_alpha: float | None = None
     #: A calibrated range narrower than this is widened to it (ONNX Runtime's ``MinimumRealRange``), so a
     #: nearly constant tensor does not get a scale so fine that kernels lose precision on the requantization.
     min_real_range: float | None = None

@@ -19,6 +19,7 @@ import onnx
 from ortq.pipeline.calibrate import run_calibration
 from ortq.pipeline.equalize import equalize
 from ortq.pipeline.layer_corrections import apply_corrections, layer_statistics
+from ortq.pipeline.smooth_quant import smooth_quant
 from ortq.pipeline.weight_rounding import WEIGHT_ROUNDING
 from ortq.core.config import PASS_THROUGH_OPTIONS, QuantConfig, parse_quant_format
 from ortq.io.data import feed_samples, iter_batches, model_inputs
@@ -73,6 +74,13 @@ def resolve_config(backend: Backend, **overrides: Any) -> QuantConfig:
     config.equalize = bool(_pick(overrides.get("equalize"), config.equalize))
     config.bias_correction = bool(_pick(overrides.get("bias_correction"), config.bias_correction))
     config.weight_rounding = _weight_rounding(_pick(overrides.get("weight_rounding"), config.weight_rounding))
+    config.smooth_quant = bool(_pick(overrides.get("smooth_quant"), config.smooth_quant))
+    config.smooth_quant_alpha = _pick(overrides.get("smooth_quant_alpha"), config.smooth_quant_alpha)
+    if config.smooth_quant_alpha is not None:
+        config.smooth_quant = True  # pinning alpha asks for SmoothQuant
+        if not 0.0 < float(config.smooth_quant_alpha) < 1.0:
+            raise ConfigError(f"smooth_quant_alpha must be between 0 and 1 (exclusive), not {config.smooth_quant_alpha!r}")
+        config.smooth_quant_alpha = float(config.smooth_quant_alpha)
     config.extreme_range = float(_pick(overrides.get("extreme_range"), config.extreme_range))
     if overrides.get("op_types_to_quantize"):
         config.op_types = frozenset(overrides["op_types_to_quantize"])
@@ -353,6 +361,9 @@ def quantize(
         if overrides.get("calibrate_method") is None:
             config.calibrator = state.calibrator
     calibrator = toolkit.calibrator(config.calibrator, **config.calibrator_options)
+    if config.smooth_quant:  # a first pass over the data; planning and calibration then see the smoothed model
+        _smooth(proto, config, calibration_data, state, label, timings, providers, session_options,
+                lambda: iter_batches(calibration_data, model_inputs(proto), batch_size, max_samples, image_options))
     index = GraphIndex(proto)
     plan = make_plan(toolkit, index, config, backend)
     given.apply(plan, index, config, backend, label)
@@ -439,6 +450,29 @@ def quantize(
             inputs["external data"] = p.external_files
             result.artifacts = _export_staged(backend, result, out.parent, inputs)
     return result
+
+
+def _smooth(
+    proto: onnx.ModelProto, config: QuantConfig, data: Any, state: Any, label: str, timings: dict[str, float],
+    providers: Sequence[Any] | None, session_options: Any, batches: Callable[[], Iterable[dict[str, np.ndarray]]],
+) -> None:
+    """SmoothQuant before planning: it reads the calibration data once more, so it needs data that can be
+    read twice (arrays, files, folders, lists, a reader with ``rewind``), not a one-shot iterator."""
+    if state is not None or data is None:
+        log.info("%s: SmoothQuant needs calibration data (a saved state has no channel statistics); skipped", label)
+        return
+    one_shot = isinstance(data, Iterator) or (hasattr(data, "get_next") and not callable(getattr(data, "rewind", None)))
+    if one_shot:
+        raise ConfigError(
+            f"smooth_quant reads the calibration data twice, and a {type(data).__name__} can be read only once: "
+            "pass arrays, a file or folder, a list of feeds, or a reader with rewind()"
+        )
+    t = time.perf_counter()
+    smooth_quant(proto, config, batches(), label=label, alpha=config.smooth_quant_alpha,
+                 providers=providers, session_options=session_options)
+    if hasattr(data, "get_next"):
+        data.rewind()
+    timings["smooth_quant"] = time.perf_counter() - t
 
 
 def _check_plan(backend: Backend, plan: QuantPlan, model: onnx.ModelProto) -> None:
@@ -580,7 +614,7 @@ SCHEME_OPTIONS = {
     "activation_type", "weight_type", "activation_symmetric", "weight_symmetric", "per_channel", "reduce_range",
     "quantize_bias", "matmul_const_b_only", "op_types_to_quantize", "nodes_to_quantize", "nodes_to_exclude",
     "op_types_no_output_quantization", "calibrate_method", "calibrator_options", "extreme_range", "backend_options",
-    "bias_correction", "weight_rounding", "equalize",
+    "bias_correction", "weight_rounding", "equalize", "smooth_quant", "smooth_quant_alpha",
     "quant_format", *PASS_THROUGH_OPTIONS,
 }
 def _compact(model: onnx.ModelProto) -> onnx.ModelProto:
