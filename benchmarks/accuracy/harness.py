@@ -173,8 +173,7 @@ CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
     "ort-percentile+excl": ("ort", {"calibrate_method": "Percentile", "hints": True}),
     "ort-entropy+excl": ("ort", {"calibrate_method": "Entropy", "hints": True}),
 }
-SMALL_CONFIGS = ["ortq-default", "ortq-percentile", "ortq-entropy", "ort-minmax", "ort-percentile",
-                 "nncf-default", "ortq-entropy+excl", "ort-minmax+excl"]
+SMALL_CONFIGS = ["ortq-default", "ortq-entropy", "ort-minmax", "nncf-default", "ortq-entropy+excl"]
 
 
 def nncf_available() -> bool:

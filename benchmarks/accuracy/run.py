@@ -1,7 +1,7 @@
 """Real-model accuracy benchmark: ortq vs ONNX Runtime's quantize_static vs NNCF, side by side.
 
     python benchmarks/accuracy/run.py                      # every case, every config
-    python benchmarks/accuracy/run.py --small              # 40 evaluation samples, fewer configs, 10 timing runs
+    python benchmarks/accuracy/run.py --small              # 40 evaluation samples, 5 configs, 10 timing runs
     python benchmarks/accuracy/run.py --cases mobilenetv2 --configs ortq-default,ort-minmax
     python benchmarks/accuracy/run.py --report             # only re-tabulate the JSON already written
 
