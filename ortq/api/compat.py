@@ -285,6 +285,10 @@ def static_options(
         "activation_symmetric": False,
         "weight_symmetric": weight_qtype.signed,
         "quant_format": _enum_name(quant_format).lower(),
+        # ONNX Runtime's op selection: no transformer residual-stream policy; constant-table Gathers stay as
+        # ortq's drop-ins always had them (float).
+        "transformer_policy": False,
+        "quantize_embeddings": False,
     }
     calibrator_options: dict[str, Any] = {}
     for key, value in (extra_options or {}).items():
@@ -305,6 +309,10 @@ def static_options(
             calibrator_options[target[len(_CALIB):]] = value
         else:
             options[target] = value
+    if options["calibrate_method"] in ("entropy", "percentile"):
+        # ONNX Runtime's methods as ONNX Runtime computes them: without ortq's guard against ranges worse than
+        # min/max (docs/accuracy.md), which ortq.quantize applies.
+        calibrator_options["guard"] = False
     if calibrator_options:
         options["calibrator_options"] = calibrator_options
     return options
@@ -355,6 +363,7 @@ def quantize_static(
     if cache is not None and cache.exists():
         state = load_range_cache(cache, model_input, _enum_name(calibrate_method))
         kwargs["calibrate_method"] = "minmax"  # the cache holds final ranges
+        (kwargs.get("calibrator_options") or {}).pop("guard", None)  # an entropy/percentile option minmax lacks
         return toolkit.quantize(model_input, model_output, calibration_state=state, **kwargs)
     if calibration_data_reader is None and not options.get("tensor_overrides"):
         raise CalibrationDataError(
