@@ -154,6 +154,13 @@ def _only_reader(index: GraphIndex, name: str, node: onnx.NodeProto) -> bool:
     return len(readers) == 1 and readers[0] is node and name not in index.graph_outputs
 
 
+def _only_value_reader(index: GraphIndex, name: str, node: onnx.NodeProto) -> bool:
+    """``node`` is the one reader of ``name``'s values; Shape/Size readers (PyTorch exports them to compute
+    reshape targets) see only the shape, which scaling leaves alone."""
+    readers = [r for r in index.consumers.get(name, []) if r.op_type not in ("Shape", "Size")]
+    return len(readers) == 1 and readers[0] is node and name not in index.graph_outputs
+
+
 def _last_axis_constant(index: GraphIndex, name: str, channels: int, node: onnx.NodeProto) -> str | None:
     """Why constant ``name`` cannot take a per-channel division along the last axis, or None if it can."""
     value = _float_constant(index, name)
@@ -214,7 +221,7 @@ def _fold(index: GraphIndex, tensor: str, channels: int, depth: int = 0) -> tupl
         edits = [FoldEdit(const[0], "last")]
         if op == "Mul":  # (z * g) / s == z * (g / s)
             return edits, f"Mul {node.name!r}"
-        if not _only_reader(index, other, node):  # (z + b) / s needs z / s too
+        if not _only_value_reader(index, other, node):  # (z + b) / s needs z / s too
             return None, f"{other!r} (before Add {node.name!r}) has other readers"
         more, where = _fold(index, other, channels, depth + 1)
         return (None, where) if more is None else (more + edits, where)
@@ -244,9 +251,28 @@ def _fold(index: GraphIndex, tensor: str, channels: int, depth: int = 0) -> tupl
     return None, f"its producer is {op} {node.name!r}"
 
 
-def _constant_shape(index: GraphIndex, name: str) -> list[int] | None:
+def _constant_shape(index: GraphIndex, name: str) -> list[int | None] | None:
+    """A Reshape's target shape, entry by entry (None where computed at run time): a constant, or a Concat
+    of one-element pieces as PyTorch exports ``x.view(batch, seq, heads, head_dim)``."""
     value = index.constant_value(name) if index.is_constant(name) else None
-    return [int(v) for v in value.reshape(-1)] if value is not None else None
+    if value is not None:
+        return [int(v) for v in value.reshape(-1)]
+    node = index.producer.get(name)
+    if node is None or node.op_type != "Concat":
+        return None
+    parts: list[int | None] = []
+    for piece in node.input:
+        known = index.constant_value(piece) if index.is_constant(piece) else None
+        if known is not None:
+            if known.size != 1:
+                return None
+            parts.append(int(known.reshape(())))
+        else:
+            shape = index.shape(piece)
+            if shape is None or len(shape) != 1 or shape[0] != 1:
+                return None
+            parts.append(None)
+    return parts
 
 
 def _head_merge_source(index: GraphIndex, merge: onnx.NodeProto, channels: int) -> str | None:
@@ -254,7 +280,7 @@ def _head_merge_source(index: GraphIndex, merge: onnx.NodeProto, channels: int) 
     merges them back in the same order, V (whose channel ``c`` becomes channel ``c`` of the merge)."""
 
     def single(name: str, reader: onnx.NodeProto) -> onnx.NodeProto | None:
-        return index.producer.get(name) if _only_reader(index, name, reader) else None
+        return index.producer.get(name) if _only_value_reader(index, name, reader) else None
 
     merged_shape = _constant_shape(index, merge.input[1])
     if not merged_shape or merged_shape[-1] != channels:
@@ -272,7 +298,7 @@ def _head_merge_source(index: GraphIndex, merge: onnx.NodeProto, channels: int) 
     if split is None or split.op_type != "Reshape":
         return None
     split_shape = _constant_shape(index, split.input[1])
-    if not split_shape or len(split_shape) != 4 or min(split_shape[2:]) <= 0:
+    if not split_shape or len(split_shape) != 4 or None in split_shape[2:] or min(split_shape[2:]) <= 0:
         return None
     if split_shape[2] * split_shape[3] != channels or len(merged_shape) != 3:
         return None
@@ -299,6 +325,8 @@ def find_groups(index: GraphIndex, exclude: frozenset[str] = frozenset()) -> tup
         channels = int(w.shape[1] if consumer.transposed else w.shape[0])
         consumers = []
         for reader in index.consumers.get(tensor, []):
+            if reader.op_type in ("Shape", "Size"):
+                continue
             c, why = _consumer(index, reader, tensor)
             if c is None:
                 break
@@ -352,23 +380,21 @@ def _fake_quant(values: np.ndarray, lo: np.ndarray, hi: np.ndarray, spec: Any) -
     return dequantize_array(quantize_array(values, p), p).astype(np.float64)
 
 
-def _error(sketch: ChannelSketch, weights: list[np.ndarray], s: np.ndarray, config: QuantConfig) -> float:
+def _error(sketch: ChannelSketch, weights: list[np.ndarray], refs: list[np.ndarray], s: np.ndarray, config: QuantConfig) -> float:
     """Relative squared error of the consumers' outputs on the sampled rows when ``X / s`` and ``s W`` are
     quantized as ``config`` quantizes them (activation per tensor over the channel extremes)."""
-    x = sketch.rows.astype(np.float64)
-    xs = x / s
+    xs = (sketch.rows / s).astype(np.float32)
     lo, hi = float(np.min(sketch.lo / s)), float(np.max(sketch.hi / s))
-    xq = _fake_quant(xs.astype(np.float32), np.float64(lo), np.float64(hi), config.activation.with_axis(None))
+    xq = _fake_quant(xs, np.float64(lo), np.float64(hi), config.activation.with_axis(None)).astype(np.float32)
     total = 0.0
-    for w in weights:
-        ref = x @ w
+    for w, ref in zip(weights, refs):
         ws = (w * s[:, None]).astype(np.float32)
         if config.per_channel:
             wq = _fake_quant(ws, ws.min(axis=0), ws.max(axis=0), config.weight.with_axis(1))
         else:
             wq = _fake_quant(ws, np.float64(ws.min()), np.float64(ws.max()), config.weight.with_axis(None))
-        energy = float(np.mean(ref**2)) or 1.0
-        total += float(np.mean((xq @ wq - ref) ** 2)) / energy
+        diff = xq @ wq.astype(np.float32) - ref
+        total += float(np.mean(np.square(diff, dtype=np.float64))) / (float(np.mean(np.square(ref, dtype=np.float64))) or 1.0)
     return total
 
 
@@ -388,14 +414,15 @@ def choose_scales(
     act_max = sketch.absmax
     if not len(sketch.rows) or not np.all(np.isfinite(act_max)):
         return None, None, 0.0, 0.0
-    base = _error(sketch, weights, np.ones(group.channels), config)
+    refs = [sketch.rows @ w.astype(np.float32) for w in weights]
+    base = _error(sketch, weights, refs, np.ones(group.channels), config)
     if alpha is not None:  # pinned: applied as asked, scored for the log only
         s = _scales(act_max, w_max, alpha)
-        return s, alpha, base, _error(sketch, weights, s, config)
+        return s, alpha, base, _error(sketch, weights, refs, s, config)
     best: tuple[float, float | None, np.ndarray | None] = (base, None, None)
     for a in ALPHA_GRID:
         s = _scales(act_max, w_max, a)
-        e = _error(sketch, weights, s, config)
+        e = _error(sketch, weights, refs, s, config)
         if e < best[0]:
             best = (e, a, s)
     return best[2], best[1], base, best[0]
@@ -427,6 +454,31 @@ def _set(index: GraphIndex, name: str, value: np.ndarray) -> None:
 # ---------------------------------------------------------------------------------------------- pass
 
 
+def _constants_as_initializers(model: onnx.ModelProto) -> None:
+    """Turn float32 ``Constant`` nodes read by one Mul/Add/LayerNormalization into initializers (the same
+    value under the same name), so a fold can edit them: PyTorch exports GELU's ``* 0.5`` that way."""
+    graph = model.graph
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    outputs = {o.name for o in graph.output}
+    keep = []
+    for node in graph.node:
+        if node.op_type == "Constant" and not node.domain and len(node.attribute) == 1 and node.attribute[0].name == "value":
+            tensor = node.attribute[0].t
+            users = readers.get(node.output[0], [])
+            if (tensor.data_type == onnx.TensorProto.FLOAT and not tensor.external_data and len(users) == 1
+                    and users[0].op_type in ("Mul", "Add", "LayerNormalization") and node.output[0] not in outputs):
+                value = numpy_helper.to_array(tensor)
+                graph.initializer.append(numpy_helper.from_array(value, node.output[0]))
+                continue
+        keep.append(node)
+    if len(keep) != len(graph.node):
+        del graph.node[:]
+        graph.node.extend(keep)
+
+
 @dataclass
 class SmoothReport:
     """What :func:`smooth_quant` did, for the log and the tests."""
@@ -455,6 +507,7 @@ def smooth_quant(
     """
     t0 = time.perf_counter()
     report = SmoothReport()
+    _constants_as_initializers(model)
     index = GraphIndex(model)
     groups, report.skipped = find_groups(index, config.nodes_to_exclude)
     for tensor, why in report.skipped.items():
