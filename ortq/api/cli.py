@@ -311,6 +311,11 @@ def build_cli(toolkit: Toolkit) -> click.Group:
                   help="gptq: round weights layer by layer against the calibration inputs' second moments (slower).")
     @click.option("--equalize/--no-equalize", default=None,
                   help="Cross-layer equalization of Conv pairs before calibration (helps per-tensor weights).")
+    @click.option("--smooth-quant/--no-smooth-quant", default=None,
+                  help="SmoothQuant: move MatMul/Gemm input outlier channels into the weights, folded into the op "
+                       "before (reads the calibration data twice; see docs/algorithms.md).")
+    @click.option("--smooth-quant-alpha", type=click.FloatRange(0.0, 1.0, min_open=True, max_open=True), default=None,
+                  help="Pin SmoothQuant's migration strength (implies --smooth-quant; default: chosen per tensor).")
     @click.option("--verify/--no-verify", default=True, show_default=True, help="Compare with the float model on calibration samples.")
     @click.option("--sqnr-floor", type=float, default=None, metavar="DB",
                   help="Below this verified output SQNR, keep the worst tensors in 16 bits (float last) until it holds "
@@ -340,6 +345,7 @@ def build_cli(toolkit: Toolkit) -> click.Group:
         floor = {"strict": strict, **({"sqnr_floor": sqnr_floor or None} if sqnr_floor is not None else {})}
         tensor_overrides = image_flags.pop("tensor_overrides")
         corrections = {k: image_flags.pop(k) for k in ("bias_correction", "weight_rounding", "equalize")}
+        corrections.update({k: image_flags.pop(k) for k in ("smooth_quant", "smooth_quant_alpha")})
         on_ray = _ray_call(image_flags.pop("ray_address"), image_flags.pop("ray_workers"))
         if on_ray and (mode == "dynamic" or calibration_state is not None):
             raise click.UsageError("--ray calibrates static quantization from --calibration-data shards")
