@@ -72,6 +72,12 @@ class QuantConfig:
     #: Write QuantizeLinear/DequantizeLinear in the ``com.microsoft`` domain (ONNX Runtime's
     #: ``UseQDQContribOps``), for runtimes that only accept those.
     qdq_contrib_ops: bool = False
+    #: A graph input read by a data-movement op (Reshape, Flatten, Transpose, ...) gets an Activation
+    #: quantization of its own, so that op runs on integers; otherwise the planner leaves it float, since
+    #: moving an unquantized tensor gains nothing on a host runtime. Set by targets whose firmware is fed
+    #: integers at the input's scale (ESP-DL: the application quantizes the input), where there is no float
+    #: path for the op at all.
+    quantize_graph_inputs: bool = False
 
     @property
     def required_opset(self) -> int:

@@ -4,7 +4,9 @@ Planning needs no data, so ``ortq info`` shows the plan (and every reason a node
 anything is calibrated. Graph-wide rules live here, not in the op quantizers:
 
 - one quantization per tensor: every quantized consumer shares the same Q/DQ;
-- a data-movement output (:class:`SameAs`) is quantized only if its input already is;
+- a data-movement output (:class:`SameAs`) is quantized only if its input already is, or if that input is
+  a graph input and the target feeds its network integers (``QuantConfig.quantize_graph_inputs``, ESP-DL):
+  the input then gets an Activation quantization of its own;
 - a node that ONNX Runtime fuses into the integer kernel producing its input (ReLU/Clip(0, x), whose
   clamp a zero point at the type minimum performs exactly; a MatMul's bias Add) takes that input's
   place: the input gets no Q/DQ and producer, node and Q become one kernel (see ``fused_input``);
@@ -174,8 +176,10 @@ def _admit(
         elif isinstance(role, SameAs):
             source = node.input[role.input]
             if source not in quantized and source not in staged:
-                return LeaveFloat(f"its input {source!r} is not quantized, so moving it in "
-                                  f"{config.activation.qtype.bits} bits gains nothing")
+                if not _quantizable_graph_input(source, index, config, vetoed):
+                    return LeaveFloat(f"its input {source!r} is not quantized, so moving it in "
+                                      f"{config.activation.qtype.bits} bits gains nothing")
+                staged[source] = TensorPlan(source, Activation(), config.activation, False, node.name)
             tp = TensorPlan(name, role, None, False, node.name, source=source)
         else:
             tp = TensorPlan(name, role, config.activation, constant, node.name)
@@ -196,6 +200,18 @@ def _admit(
     plan.tensors.update(staged)
     quantized.update(n for n, t in staged.items() if not t.constant and not isinstance(t.role, (Weight, Bias)))
     return node_plan
+
+
+def _quantizable_graph_input(name: str, index: GraphIndex, config: QuantConfig, vetoed: dict[str, str]) -> bool:
+    """``config.quantize_graph_inputs``: a float graph input (not a constant) a data-movement op reads becomes an
+    activation of its own, for targets whose firmware is fed integers (the network input IS quantized there)."""
+    return (
+        config.quantize_graph_inputs
+        and name in index.graph_inputs
+        and not index.is_constant(name)
+        and index.is_float(name)
+        and name not in vetoed
+    )
 
 
 def _compatible(a: TensorPlan, b: TensorPlan) -> bool:
