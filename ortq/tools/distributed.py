@@ -21,6 +21,7 @@ asked for.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import os
@@ -76,6 +77,29 @@ def import_ray() -> Any:
     except ImportError:
         raise ConfigError(RAY_INSTALL_HINT) from None
     return ray
+
+
+@contextlib.contextmanager
+def _ray_session(address: str | None, workers: int | None) -> Iterator[tuple[Any, int]]:
+    """Ray and the worker count to use: a Ray already initialised in this process, else one started here
+    (at ``address``, or a local one) and shut down on the way out. Workers default to the cluster's CPUs."""
+    ray = import_ray()
+    started_here = not ray.is_initialized()
+    if started_here:
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    elif address is not None:
+        log.info("Ray is already initialised in this process; using it, not %s", address)
+    try:
+        yield ray, workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
+def _pool(ray: Any, worker_class: type, count: int, retries: int, *args: Any) -> list[Any]:
+    """``count`` actors of ``worker_class``, each restarted (and its current call retried) when it dies."""
+    actor = ray.remote(num_cpus=1, max_restarts=retries, max_task_retries=retries)(worker_class)
+    return [actor.remote(*args) for _ in range(count)]
 
 
 def shards_of(data: Any, workers: int | None = None) -> list[Shard]:
@@ -174,21 +198,12 @@ def calibrate_on_ray(
         if overrides.get(unsupported) is not None:
             raise ConfigError(f"{unsupported} is not supported with Ray; workers use ONNX Runtime's defaults")
         overrides.pop(unsupported, None)
-    ray = import_ray()
+    import_ray()  # before any work: say how to install it
     job = calibration_job(host, model, target=target, **overrides)
-    started_here = not ray.is_initialized()
-    if started_here:
-        ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    elif address is not None:
-        log.info("Ray is already initialised in this process; using it, not %s", address)
-    try:
-        count = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
+    calibrator = host.calibrator(job.calibrator, **job.calibrator_options)
+    with _ray_session(address, workers) as (ray, count):
         shards = shards_of(data, count)
-        calibrator = host.calibrator(job.calibrator, **job.calibrator_options)
         return _run(ray, job, calibrator, shards, min(count, len(shards)), batch_size, providers, retries, progress)
-    finally:
-        if started_here:
-            ray.shutdown()
 
 
 def quantize_on_ray(
@@ -239,8 +254,7 @@ def _run(
     import onnx
 
     light = dataclasses.replace(job, model=onnx.ModelProto())  # the weights travel once, through model_ref
-    actor = ray.remote(num_cpus=1, max_restarts=retries, max_task_retries=retries)(_CalibrationWorker)
-    pool = [actor.remote(model_ref, light, calibrator, list(providers) if providers else None) for _ in range(workers)]
+    pool = _pool(ray, _CalibrationWorker, workers, retries, model_ref, light, calibrator, list(providers) if providers else None)
     merged: list[CalibrationState] = []
 
     def fold(_: int, state: CalibrationState) -> None:  # exact, so arrival order does not matter
@@ -364,7 +378,7 @@ def evaluate_on_ray(
 
     if labels is not None and not isinstance(labels, str):
         raise ConfigError("with Ray, labels must be the name of an array inside each shard")
-    ray = import_ray()
+    import_ray()
     float_loaded, quant_loaded = read_model(float_model), read_model(quantized_model)
     names = (str(float_model) if isinstance(float_model, (str, os.PathLike)) else "float model",
              str(quantized_model) if isinstance(quantized_model, (str, os.PathLike)) else "quantized model")
@@ -378,23 +392,15 @@ def evaluate_on_ray(
     if unmergeable:
         raise ConfigError(f"metric(s) {unmergeable} cannot combine results from several workers (no merge()); "
                           "evaluate without --ray")
-    started_here = not ray.is_initialized()
-    if started_here:
-        ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    try:
-        count = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
+    results: dict[int, Scored] = {}
+    with _ray_session(address, workers) as (ray, count):
         shards = shards_of(data, count)
         refs = (ray.put(float_loaded.model.SerializeToString()), ray.put(quant_loaded.model.SerializeToString()))
-        actor = ray.remote(num_cpus=1, max_restarts=retries, max_task_retries=retries)(_EvaluationWorker)
-        pool = [actor.remote(*refs, pairs, names, list(providers) if providers else None, intra_op_threads)
-                for _ in range(min(count, len(shards)))]
-        results: dict[int, Scored] = {}
+        pool = _pool(ray, _EvaluationWorker, min(count, len(shards)), retries, *refs, pairs, names,
+                     list(providers) if providers else None, intra_op_threads)
         _dispatch(ray, pool, shards,
                   lambda worker, shard: worker.score.options(retry_exceptions=True).remote(shard, labels, batch_size),
                   results.__setitem__, "evaluation", retries, progress)
-    finally:
-        if started_here:
-            ray.shutdown()
     scored = Scored(make_metric_pairs(host, specs))
     for index in sorted(results):
         scored.merge(results[index])
@@ -441,23 +447,14 @@ def map_on_ray(
     ``setup`` and ``fn`` must be picklable (module-level functions, or objects of importable classes).
     The independent trials of the accuracy-driven search run through this.
     """
-    ray = import_ray()
-    started_here = not ray.is_initialized()
-    if started_here:
-        ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    try:
-        count = min(workers or max(1, int(ray.cluster_resources().get("CPU", 1))), max(1, len(items)))
+    results: dict[int, Any] = {}
+    with _ray_session(address, workers) as (ray, count):
         setup_ref, fn_ref = ray.put(setup), ray.put(fn)
-        actor = ray.remote(num_cpus=1, max_restarts=retries, max_task_retries=retries)(_MapWorker)
-        pool = [actor.remote(setup_ref) for _ in range(count)]
-        results: dict[int, Any] = {}
+        pool = _pool(ray, _MapWorker, min(count, max(1, len(items))), retries, setup_ref)
         shards = [Shard(name, item) for name, item in zip(names, items)]
         _dispatch(ray, pool, shards, lambda worker, shard: worker.run.options(retry_exceptions=True).remote(fn_ref, shard.source),
                   results.__setitem__, what, retries, progress)
-        return [results[i] for i in range(len(items))]
-    finally:
-        if started_here:
-            ray.shutdown()
+    return [results[i] for i in range(len(items))]
 
 
 def _first_line(exc: BaseException) -> str:
