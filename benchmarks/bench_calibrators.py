@@ -96,12 +96,13 @@ def recognizer(calibrators: list[str]) -> list[dict]:
     rng_c, rng_e = np.random.default_rng(1), np.random.default_rng(2)
     calib = np.concatenate([_render(rng_c)[1] for _ in range(32)])
     texts, images = zip(*[_render(rng_e) for _ in range(100)])
-    reference = [o[0] for o in (_session(str(model)).run(None, {"input1": x[None]}) for x in images)]
+    session = _session(str(model))
+    reference = [session.run(None, {"input1": x})[0] for x in images]
     float_text = [_decode(o, charset) for o in reference]
 
     def score(m) -> dict:  # noqa: ANN001
         s = _session(m)
-        out = [s.run(None, {"input1": x[None]})[0] for x in images]
+        out = [s.run(None, {"input1": x})[0] for x in images]
         decoded = [_decode(o, charset) for o in out]
         return {"exact": np.mean([d == t for d, t in zip(decoded, texts)]),
                 "agreement": np.mean([d == f for d, f in zip(decoded, float_text)]), "sqnr": _sqnr(reference, out)}
@@ -117,7 +118,8 @@ def mobilenetv2(calibrators: list[str]) -> list[dict]:
     with np.load(folder / "calibration.npz") as c, np.load(folder / "evaluation.npz") as e:
         calib = np.concatenate([c[f"{i}/input"] for i in range(32)])
         images = [e[f"{i}/input"] for i in range(200)]
-    reference = [_session(str(model)).run(None, {"input": x})[0] for x in images]
+    session = _session(str(model))
+    reference = [session.run(None, {"input": x})[0] for x in images]
 
     def score(m) -> dict:  # noqa: ANN001
         s = _session(m)
