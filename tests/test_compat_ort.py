@@ -236,3 +236,35 @@ def test_compatibility_page_is_generated_from_the_tables() -> None:
     assert page.read_text(encoding="utf-8") == render(), "run: python -m ortq.api.compat_table > docs/compatibility.md"
     for key in compat.EXTRA_OPTIONS:
         assert f"| `{key}` |" in render()
+
+
+def test_conv_clip_is_quantized_after_the_clamp(tmp_path: Path) -> None:
+    """Conv + Clip(-1, 1): one rounding at the clamp's range, at least as accurate as ONNX Runtime."""
+    from onnxruntime.quantization import quantize_static as ort_quantize_static
+
+    rng = np.random.default_rng(7)
+    w = numpy_helper.from_array((rng.standard_normal((8, 3, 3, 3)) * 0.6).astype(np.float32), "w")
+    lo, hi = numpy_helper.from_array(np.array(-1.0, np.float32), "lo"), numpy_helper.from_array(np.array(1.0, np.float32), "hi")
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+         helper.make_node("Clip", ["c", "lo", "hi"], ["y"], name="clip")],
+        "cc", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8, 8, 8])], [w, lo, hi],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 7
+    onnx.save(model, tmp_path / "m.onnx")
+    calib, evaluation = tiny_data(32, seed=11), tiny_data(32, seed=12)
+    result = compat.quantize_static(tmp_path / "m.onnx", tmp_path / "q.onnx", Reader([calib]))
+    assert "c" not in result.params  # no Q/DQ at the Conv's wider range
+    ort_quantize_static(str(tmp_path / "m.onnx"), str(tmp_path / "ort.onnx"), Reader([calib]))
+    ours, theirs = _sqnr(model, tmp_path / "q.onnx", evaluation), _sqnr(model, tmp_path / "ort.onnx", evaluation)
+    assert ours >= theirs - 0.1, (ours, theirs)
+
+
+def test_enums_equal_onnxruntime_members() -> None:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat
+
+    assert compat.QuantFormat.QDQ == QuantFormat.QDQ and QuantFormat.QDQ == compat.QuantFormat.QDQ
+    assert compat.CalibrationMethod.MinMax != CalibrationMethod.Entropy
+    assert {compat.QuantFormat.QDQ: 1}[compat.QuantFormat.QDQ] == 1

@@ -65,7 +65,7 @@ def test_onnxruntime_enum_names_are_accepted() -> None:
     assert QuantType.parse(OrtQuantType.QUInt8) is QuantType.UINT8
     assert QuantType.parse("QInt16") is QuantType.INT16
     assert QuantType.QInt8 is QuantType.INT8
-    with pytest.raises(ValueError, match="unsupported quantization type 'QInt4'"):
+    with pytest.raises(ValueError, match="unsupported quantization element type INT4"):
         QuantType.parse(OrtQuantType.QInt4)
 
 

@@ -36,12 +36,25 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
-class QuantFormat(enum.Enum):
+class _OrtEnum(enum.Enum):
+    """Equal to ONNX Runtime's member of the same enum and name, so a config built here compares equal to
+    the one ONNX Runtime's function would build (``config.quant_format == onnxruntime...QuantFormat.QDQ``)."""
+
+    def __eq__(self, other: object) -> bool:
+        if self is other:
+            return True
+        return type(other).__name__ == type(self).__name__ and getattr(other, "name", None) == self.name
+
+    def __hash__(self) -> int:
+        return hash((type(self).__name__, self.name))
+
+
+class QuantFormat(_OrtEnum):
     QOperator = 0
     QDQ = 1
 
 
-class CalibrationMethod(enum.Enum):
+class CalibrationMethod(_OrtEnum):
     MinMax = 0
     Entropy = 1
     Percentile = 2

@@ -35,7 +35,12 @@ class ClipQuantizer(_QuantizedChainOp):
     op_types = ("Clip",)
 
     def fused_input(self, node: onnx.NodeProto, ctx: PlanContext) -> int | None:
-        """Only a clamp at exactly zero is what a zero point at the type minimum performs."""
+        """Only a clamp at exactly zero is what a zero point at the type minimum performs (QOperator folds it
+        into the Q). In the QDQ format any constant clamp qualifies: the Clip stays in the graph, so its input
+        needs no Q/DQ of its own, and quantizing only after the clamp (at the clamp's narrower range, as ONNX
+        Runtime does) avoids a second rounding at the producer's wider range (Conv + Clip(-1, 1): +1.9 dB)."""
+        if ctx.config.quant_format == "qdq" and self._constant_bounds(node, ctx):
+            return 0
         if ctx.config.activation.symmetric:
             return None
         if len(node.input) > 1 and node.input[1]:
@@ -44,6 +49,18 @@ class ClipQuantizer(_QuantizedChainOp):
         else:
             at_zero = float(ctx.attribute(node, "min", float("-inf"))) == 0.0
         return 0 if at_zero else None
+
+    @staticmethod
+    def _constant_bounds(node: onnx.NodeProto, ctx: PlanContext) -> bool:
+        """Both clamp bounds are known constants (attributes before opset 11, constant inputs after)."""
+        for i, attr in ((1, "min"), (2, "max")):
+            if len(node.input) > i and node.input[i]:
+                value = ctx.index.constant_value(node.input[i])
+                if value is None or value.size != 1:
+                    return False
+            elif ctx.attribute(node, attr, None) is None and len(node.input) <= i:
+                continue  # an absent bound is no clamp on that side
+        return True
 
 
 class PointwiseActivationQuantizer(_QuantizedChainOp):
