@@ -75,7 +75,7 @@ def test_plugins_lists_builtins_and_what_they_register(toolkit: ortq.Toolkit) ->
     assert "ortq.plugins.ops.conv  [builtin]" in result.output
     assert "op quantizers: Conv, ConvTranspose" in result.output
     assert "targets: cpu, esp32, esp32c3, esp32p4, esp32s2, esp32s3, tensorrt" in result.output
-    assert "calibrators: entropy, minmax, mse, percentile" in result.output
+    assert "calibrators: auto, entropy, minmax, mse, percentile" in result.output
 
 
 def test_plugin_commands_are_added() -> None:
