@@ -700,9 +700,17 @@ def _export_command(toolkit: Toolkit, name: str, backend_cls: Any) -> click.Comm
     @_image_flags
     def command(model: Path, out_dir: Path, calibration_data: Path | None, calibration_state: Path | None,
                 calibrate_method: str | None, calibrator_option: tuple[str, ...], backend_option: tuple[str, ...],
-                batch_size: int | None, max_samples: int | None, **image_flags: Any) -> None:
+                batch_size: int | None, max_samples: int | None, output_format: str | None = None,
+                **image_flags: Any) -> None:
         if (calibration_data is None) == (calibration_state is None):
             raise click.UsageError("give exactly one of --calibration-data and --calibration-state")
+        backend_options = _key_values(backend_option)
+        if output_format is not None:
+            if backend_options.get("format", output_format) != output_format:
+                raise click.UsageError(
+                    f"--format {output_format} and --backend-option format={backend_options['format']} disagree"
+                )
+            backend_options["format"] = output_format
         created = _make_folder(out_dir)
         try:
             bars, callbacks = _quantize_progress(calibration_data, max_samples)
@@ -711,7 +719,7 @@ def _export_command(toolkit: Toolkit, name: str, backend_cls: Any) -> click.Comm
                     model, out_dir / f"{model.stem}.{name}.onnx", calibration_data=calibration_data,
                     calibration_state=calibration_state, target=name, calibrate_method=calibrate_method,
                     calibrator_options=_key_values(calibrator_option) or None,
-                    backend_options=_key_values(backend_option) or None, batch_size=batch_size, max_samples=max_samples,
+                    backend_options=backend_options or None, batch_size=batch_size, max_samples=max_samples,
                     image_options=_make_image_options(**image_flags), **callbacks,
                 )
         except BaseException:
@@ -723,6 +731,13 @@ def _export_command(toolkit: Toolkit, name: str, backend_cls: Any) -> click.Comm
         for path in [result.output, *result.artifacts]:
             click.echo(f"wrote {path}")
 
+    formats = tuple(getattr(backend_cls, "output_formats", ()) or ())
+    if formats:  # only backends that declare what they can write (Backend.output_formats) get --format
+        at = next(i for i, p in enumerate(command.params) if p.name == "backend_option") + 1
+        command.params.insert(at, click.Option(
+            ["--format", "output_format"], type=click.Choice(formats, case_sensitive=False), default=None,
+            help=f"What to write ({', '.join(formats)}; default: the target's own). The backend's format option.",
+        ))
     return command
 
 

@@ -34,6 +34,10 @@ class Backend:
     description: ClassVar[str] = ""
     default_op_types: ClassVar[frozenset[str] | None] = None
     excluded_op_types: ClassVar[frozenset[str]] = frozenset()
+    #: The artifact formats ``export`` can write, when there is a choice (ESP-DL: ``cpp`` for v1.1, ``espdl`` for
+    #: v3). A backend that declares any takes them as its ``format`` option; ``ortq export NAME`` then offers
+    #: ``--format`` with these choices (default: the backend's own). Empty: one output, no option.
+    output_formats: ClassVar[tuple[str, ...]] = ()
 
     def default_config(self) -> QuantConfig:
         return QuantConfig(op_types=self.default_op_types, excluded_op_types=self.excluded_op_types)

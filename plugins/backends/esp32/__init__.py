@@ -86,6 +86,8 @@ class Esp32Backend(Backend):
     name = "esp32"
     description = "Espressif ESP-DL: power-of-two int8/int16, v1.1 C++ coefficients and model class, or v3 .espdl"
     default_op_types = SUPPORTED_OPS
+    #: ``ortq export esp32 --format cpp|espdl``; which one a chip runs is checked in ``__init__``.
+    output_formats = tuple(FORMATS)
 
     def __init__(
         self, chip: str = "esp32s3", bits: int | str = 8, model_name: str | None = None, format: str | None = None,
@@ -379,7 +381,8 @@ def _chip_target(chip: str) -> type[Esp32Backend]:
 
     return type(
         f"{chip.capitalize()}Backend", (Esp32Backend,),
-        {"name": chip, "description": (
+        {"name": chip, "output_formats": tuple(f for f, v in FORMATS.items() if chip in (V1_CHIPS if v == "1.1" else V3_CHIPS)),
+         "description": (
             f"Espressif ESP-DL on {chip}: "
             + ("v1.1 C++ coefficients and model class" if chip in V1_CHIPS else "")
             + (" or " if chip in V1_CHIPS and chip in V3_CHIPS else "")
