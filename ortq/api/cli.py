@@ -316,6 +316,11 @@ def build_cli(toolkit: Toolkit) -> click.Group:
                        "before (reads the calibration data twice; see docs/algorithms.md).")
     @click.option("--smooth-quant-alpha", type=click.FloatRange(0.0, 1.0, min_open=True, max_open=True), default=None,
                   help="Pin SmoothQuant's migration strength (implies --smooth-quant; default: chosen per tensor).")
+    @click.option("--transformer-policy/--no-transformer-policy", default=None,
+                  help="In transformer blocks quantize only MatMul/Gemm inputs and weights, keep the residual stream "
+                       "float (default on for the cpu target; see docs/accuracy.md).")
+    @click.option("--quantize-embeddings/--no-quantize-embeddings", default=None,
+                  help="Store large Gather tables (word embeddings) in 8 bits (default on for the cpu target).")
     @click.option("--verify/--no-verify", default=True, show_default=True, help="Compare with the float model on calibration samples.")
     @click.option("--sqnr-floor", type=float, default=None, metavar="DB",
                   help="Below this verified output SQNR, keep the worst tensors in 16 bits (float last) until it holds "
@@ -344,7 +349,8 @@ def build_cli(toolkit: Toolkit) -> click.Group:
         sqnr_floor, strict = image_flags.pop("sqnr_floor"), image_flags.pop("strict")
         floor = {"strict": strict, **({"sqnr_floor": sqnr_floor or None} if sqnr_floor is not None else {})}
         tensor_overrides = image_flags.pop("tensor_overrides")
-        corrections = {k: image_flags.pop(k) for k in ("bias_correction", "weight_rounding", "equalize")}
+        corrections = {k: image_flags.pop(k) for k in ("bias_correction", "weight_rounding", "equalize",
+                                                        "transformer_policy", "quantize_embeddings")}
         corrections.update({k: image_flags.pop(k) for k in ("smooth_quant", "smooth_quant_alpha")})
         on_ray = _ray_call(image_flags.pop("ray_address"), image_flags.pop("ray_workers"))
         if on_ray and (mode == "dynamic" or calibration_state is not None):

@@ -62,6 +62,15 @@ class QuantConfig:
     smooth_quant: bool = False
     #: Pin SmoothQuant's migration strength (0 < alpha < 1); None picks it per tensor by the consumers' error.
     smooth_quant_alpha: float | None = None
+    #: Inside transformer blocks (:mod:`ortq.pipeline.transformer`) quantize only the MatMul/Gemm inputs and
+    #: weights and keep the residual stream (bias and residual Adds, GELU, LayerNorm, Softmax, the mask) float:
+    #: its outlier channels do not fit one 8-bit scale (docs/accuracy.md, Transformers). Targets turn it on
+    #: where it was measured (cpu); op types named in ``op_types`` are quantized regardless.
+    transformer_policy: bool = False
+    #: Gather from a constant table (a word embedding) reads an 8-bit table: DQ -> Gather -> Q with one scale,
+    #: which ONNX Runtime runs as a Gather on the 8-bit table (a quarter of the size, no dequantization of
+    #: the whole table per run). Off where the target's runtime was not checked to do that.
+    quantize_embeddings: bool = False
     #: A calibrated range narrower than this is widened to it (ONNX Runtime's ``MinimumRealRange``), so a
     #: nearly constant tensor does not get a scale so fine that kernels lose precision on the requantization.
     min_real_range: float | None = None
@@ -88,5 +97,7 @@ class QuantConfig:
         return opset
 
 
-#: QuantConfig fields set verbatim from a same-named, non-None option (no backend default to merge with).
-PASS_THROUGH_OPTIONS = ("min_real_range", "activation_restricted_asymmetric", "qdq_contrib_ops")
+#: QuantConfig fields set verbatim from a same-named, non-None option (None keeps the backend's default).
+PASS_THROUGH_OPTIONS = (
+    "min_real_range", "activation_restricted_asymmetric", "qdq_contrib_ops", "transformer_policy", "quantize_embeddings",
+)

@@ -14,7 +14,11 @@ anything is calibrated. Graph-wide rules live here, not in the op quantizers:
   data-movement op feeding only float ops goes back to float, and a MatMul writes float directly. Left in
   place, such a DQ would also let ONNX Runtime fuse a float-planned MatMul of two activations into its
   slow U8U8 kernel;
-- vetoed tensors (unusable calibrated ranges) leave every node touching them in float.
+- vetoed tensors (unusable calibrated ranges) leave every node touching them in float;
+- inside transformer blocks (``QuantConfig.transformer_policy``, :mod:`ortq.pipeline.transformer`) only
+  MatMul/Gemm inputs and weights (and data movement after them) are quantized: the residual stream's
+  element-wise ops, LayerNorm, GELU, Softmax and the mask stay float, since its outlier channels do not
+  fit one 8-bit scale.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from ortq.core.errors import OrtqError, PluginError
 from ortq.core.graph import GraphIndex, node_label
 from ortq.core.op_quantizer import Activation, Bias, LeaveFloat, NodePlan, PlanContext, SameAs, Weight
 from ortq.core.plan import FloatNode, QuantPlan, TensorPlan
+from ortq.pipeline.transformer import QUANTIZED_IN_REGION, RESIDUAL_FLOAT_REASON, find_transformer
 
 if TYPE_CHECKING:
     from ortq.core.backend import Backend
@@ -54,8 +59,14 @@ def make_plan(
     instances: dict[type, object] = {}
     fused: dict[str, int] = {}
     float_output_ok: set[str] = set()
+    region: frozenset[str] = frozenset()
+    if config.transformer_policy:
+        layout = find_transformer(index)
+        region = layout.region
+        if layout:
+            log.info("transformer blocks found: %s; their residual stream stays float", layout.summary())
     for node in index.graph.node:
-        result = _plan_node(toolkit, node, ctx, config, backend, instances)
+        result = _plan_node(toolkit, node, ctx, config, backend, instances, region)
         if isinstance(result, NodePlan):
             _check_indices(toolkit, node, result)
             result = _admit(node, result, plan, index, config, vetoed, quantized)
@@ -77,7 +88,7 @@ def make_plan(
     return plan
 
 
-def _plan_node(toolkit, node, ctx, config, backend, instances) -> NodePlan | LeaveFloat:
+def _plan_node(toolkit, node, ctx, config, backend, instances, region=frozenset()) -> NodePlan | LeaveFloat:
     if node.name in config.nodes_to_exclude:
         return LeaveFloat("excluded by nodes_to_exclude")
     if config.nodes_to_quantize is not None and node.name not in config.nodes_to_quantize:
@@ -92,6 +103,8 @@ def _plan_node(toolkit, node, ctx, config, backend, instances) -> NodePlan | Lea
             f"target {backend.name!r} runs {node.op_type} no faster quantized (no integer kernel, or a slower one); "
             "name it in op_types_to_quantize to quantize it anyway"
         )
+    if node.name in region and config.op_types is None and node.op_type not in QUANTIZED_IN_REGION:
+        return LeaveFloat(RESIDUAL_FLOAT_REASON)  # op types the user names are quantized regardless
     try:
         veto = backend.leave_float(node, ctx)
     except OrtqError:
@@ -258,6 +271,8 @@ def _prune_float_only_tensors(plan: QuantPlan, index: GraphIndex, float_output_o
             if producer is None or producer.name not in plan.quantized_nodes:
                 dropped, reason = [name], "no quantized node reads it"
             elif isinstance(tp.role, SameAs):
+                if index.is_constant(tp.source):
+                    continue  # an 8-bit table (embedding) moved as is: without this Q its DQ would run on all of it
                 outputs = [o for o in producer.output if o in plan.tensors]
                 if any(read_quantized(o) for o in outputs):
                     continue  # e.g. one Split output still feeds an integer kernel
