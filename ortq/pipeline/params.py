@@ -2,7 +2,9 @@
 
 A range that cannot be quantized usefully (not finite, or wider than ``config.extreme_range``, as with an
 attention mask filled with -1e9 or -3.4e38) is returned as a veto instead of parameters; the pipeline
-re-plans with the veto so every node touching that tensor stays float, and logs why.
+re-plans with the veto so every node touching that tensor stays float, and logs why. The same holds for
+the output of a join (Concat) whose inputs' calibrated ranges are too different to share its one scale
+(:func:`mismatched_joins`: a detector's boxes in pixels joined with 0-1 class scores).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ if TYPE_CHECKING:
     from ortq.core.graph import GraphIndex
     from ortq.pipeline.plan import QuantPlan
 
-__all__ = ["compute_params", "bias_params", "tail_sensitive_tensors"]
+__all__ = ["compute_params", "bias_params", "tail_sensitive_tensors", "mismatched_joins", "MIN_JOIN_STEPS"]
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +96,9 @@ def compute_params(
             _check_finite(values, name, tp.node)
             params[name] = weight_params(values, tp.spec, name, min_real_range=config.min_real_range)
     _limit_average_requantization(plan, index, params)
+    for name, reason in mismatched_joins(plan, index, ranges, params).items():
+        del params[name]
+        vetoes[name] = reason
     for name, tp in plan.tensors.items():
         if isinstance(tp.role, SameAs):
             source = _resolve(plan, name)
@@ -150,6 +155,73 @@ def _limit_average_requantization(plan: QuantPlan, index: GraphIndex, params: di
             continue
         scale = np.float32(floor)
         params[name] = QuantParams(scale, y.zero_point, y.qtype, y.axis, source="limited by its input's scale")
+
+
+#: Ops that join several tensors into one output, which then has a single scale for all of them.
+_JOINS = frozenset({"Concat"})
+#: A joined input whose calibrated span covers fewer steps of the output's scale than this keeps the join
+#: float (in 8 bits: inputs whose ranges differ by more than ~16x). Measured on the real-model suite
+#: (benchmarks/accuracy, docs/accuracy.md "Joins of mismatched ranges"): every Concat inside YOLOv8n's
+#: backbone, neck and head joins ranges within 1.9x of each other (>= 134 steps each); its output Concat joins
+#: box coordinates (0-322 px) with class probabilities (0-0.85), which get 0.7 of a step: every score rounds
+#: to 0 or one step (1.27) and box F1 against the float model falls from 1 to 0.19. 16 steps (4 bits) sits
+#: far from both: an input that coarse has already lost 24 dB to the shared scale.
+MIN_JOIN_STEPS = 16.0
+
+
+def mismatched_joins(
+    plan: QuantPlan,
+    index: GraphIndex,
+    ranges: dict[str, tuple[float, float]],
+    params: dict[str, QuantParams],
+) -> dict[str, str]:
+    """Outputs of joins (Concat) whose inputs' calibrated ranges are too different to share one scale, each
+    with the reason it must stay float.
+
+    A quantized Concat has one output scale, set by its widest input; an input whose values span only a few
+    of those steps is rounded to nearly nothing (the case of a detector's last Concat of pixel boxes and 0-1
+    class scores, which ONNX Runtime's quantizer and a naive per-tensor scheme both destroy). Keeping the
+    join float costs no integer kernel (a Concat moves data; its inputs keep their own, fine scales), while
+    a per-model exclusion list would have to be found by hand for every such model. The decision uses only
+    the calibrated ranges, so it applies to any model and any calibrator.
+    """
+    mismatched: dict[str, str] = {}
+    for node in index.graph.node:
+        if node.op_type not in _JOINS or not node.output or node.output[0] not in params:
+            continue
+        out = params[node.output[0]]
+        if out.per_channel:
+            continue
+        step = float(out.scale)
+        spans = []
+        for name in node.input:
+            span = _span(name, index, ranges)
+            if span is not None and span[1] > span[0]:
+                spans.append((span[1] - span[0], name, span))
+        if len(spans) < 2:
+            continue
+        width, narrow, (lo, hi) = min(spans)
+        wide_width, wide, (wlo, whi) = max(spans)
+        steps = width / step
+        if steps >= MIN_JOIN_STEPS:
+            continue
+        mismatched[node.output[0]] = (
+            f"{node.op_type} {node.name!r} joins inputs whose calibrated ranges differ {wide_width / width:.0f}x "
+            f"({narrow!r} spans [{lo:.4g}, {hi:.4g}], {wide!r} [{wlo:.4g}, {whi:.4g}]): one "
+            f"{out.qtype.bits}-bit output scale would leave {narrow!r} {steps:.2g} step(s) "
+            f"(fewer than {MIN_JOIN_STEPS:g}), so the join stays float"
+        )
+    return mismatched
+
+
+def _span(name: str, index: GraphIndex, ranges: dict[str, tuple[float, float]]) -> tuple[float, float] | None:
+    if name in ranges:
+        return float(ranges[name][0]), float(ranges[name][1])
+    if name and index.is_constant(name) and index.is_float(name):
+        values = index.constant_value(name)
+        if values is not None and values.size and np.all(np.isfinite(values)):
+            return float(values.min()), float(values.max())
+    return None
 
 
 def _values_averaged(node, index: GraphIndex) -> int:  # noqa: ANN001
