@@ -31,7 +31,8 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
-RESULTS = REPO / "benchmarks" / "results" / "accuracy"
+#: JSON records and tables; ``$ORTQ_BENCH_RESULTS`` moves them (a trial run must not overwrite the real one).
+RESULTS = Path(os.environ.get("ORTQ_BENCH_RESULTS") or REPO / "benchmarks" / "results" / "accuracy")
 
 Sample = dict[str, np.ndarray]
 Outputs = list[list[np.ndarray]]
@@ -159,6 +160,12 @@ CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
                                        "calibrator_options": {"percentile": 99.99}}),
     "ortq-entropy": ("ortq", {"calibrate_method": "entropy"}),
     "ortq-mse": ("ortq", {"calibrate_method": "mse"}),
+    "ortq-minmax": ("ortq", {"calibrate_method": "minmax"}),
+    # The default (auto) calibrator with one of ortq's opt-in algorithms (docs/algorithms.md).
+    "ortq-bias-correction": ("ortq", {"bias_correction": True}),
+    "ortq-equalize": ("ortq", {"equalize": True}),
+    "ortq-gptq": ("ortq", {"weight_rounding": "gptq"}),
+    "ortq-smooth-quant": ("ortq", {"smooth_quant": True}),
     "ort-minmax": ("ort", {"calibrate_method": "MinMax"}),
     "ort-percentile": ("ort", {"calibrate_method": "Percentile"}),
     "ort-entropy": ("ort", {"calibrate_method": "Entropy"}),
