@@ -103,7 +103,8 @@ def _plan_node(toolkit, node, ctx, config, backend, instances, region=frozenset(
             f"target {backend.name!r} runs {node.op_type} no faster quantized (no integer kernel, or a slower one); "
             "name it in op_types_to_quantize to quantize it anyway"
         )
-    if node.name in region and config.op_types is None and node.op_type not in QUANTIZED_IN_REGION:
+    if (node.name in region and config.op_types is None and node.op_type not in QUANTIZED_IN_REGION
+            and any(ctx.is_float(o) for o in node.output if o)):  # shape arithmetic keeps its own reason
         return LeaveFloat(RESIDUAL_FLOAT_REASON)  # op types the user names are quantized regardless
     try:
         veto = backend.leave_float(node, ctx)
