@@ -40,7 +40,9 @@ def _headline(rec: dict) -> tuple[str, float] | None:
 
 
 def _best(recs: dict[str, dict], tool: str) -> tuple[str, dict] | None:
-    cands = [(c, r) for c, r in recs.items() if r.get("tool") == tool and r.get("metrics")]
+    """The tool's config with the best headline metric, among its own settings: "+excl" configs (a node list the
+    case hands over) are not a setting of the tool, so they are shown in the full table but never picked."""
+    cands = [(c, r) for c, r in recs.items() if r.get("tool") == tool and r.get("metrics") and "+excl" not in c]
     if not cands:
         return None
     sign = 1 if next(iter(recs.values())).get("higher_is_better", True) else -1
@@ -79,7 +81,35 @@ def tables(records: list[dict]) -> str:
         flv = _fmt(fl["metrics"].get(hk)) if fl.get("metrics") else "–"
         lines.append(f"| {case} | {hk} | {flv} | {cell('ortq-default')} | {bo} | {cell('ort-minmax')} | "
                      f"{cell('ort-percentile')} | {cell('ort-entropy')} | {br} | {cell('nncf-default')} | {bn} |")
-    # 2. every config, every metric
+    # 2. costs: latency against ONNX Runtime's int8 model and the float model; quantize time and memory
+    lines += ["", "### Cost (1-thread latency, median; quantize: wall time of the call in a fresh process; "
+              "peak: Δ RSS over the process before the call)", "",
+              "| model | latency ms: float / ortq default / ortq best / ORT minmax / NNCF default "
+              "| ortq default vs ORT int8 | quantize s: ortq default / ortq best / ORT minmax / ORT percentile "
+              "/ NNCF default | peak Δ MB: ortq default / ORT minmax / ORT percentile / NNCF default |",
+              "|---|---|---|---|---|"]
+    for case, recs in by_case.items():
+        best_o = _best(recs, "ortq")
+        bo = best_o[0] if best_o else None
+
+        def val(cfg: str | None, key: str) -> float | None:
+            r = recs.get(cfg) if cfg else None
+            if not r or r.get("error"):
+                return None
+            if key == "peak_delta":
+                return r["peak_rss_mb"] - r["rss_before_mb"] if r.get("peak_rss_mb") is not None else None
+            return r.get(key)
+
+        def row(cfgs: list[str | None], key: str, digits: int = 2) -> str:
+            return " / ".join(_fmt(val(c, key), digits) for c in cfgs)
+
+        mine, theirs = val("ortq-default", "latency_ms_median"), val("ort-minmax", "latency_ms_median")
+        ratio = f"{mine / theirs:.2f}x" if mine and theirs else "–"
+        lines.append(
+            f"| {case} | {row(['float', 'ortq-default', bo, 'ort-minmax', 'nncf-default'], 'latency_ms_median')} "
+            f"| {ratio} | {row(['ortq-default', bo, 'ort-minmax', 'ort-percentile', 'nncf-default'], 'quantize_s', 1)} "
+            f"| {row(['ortq-default', 'ort-minmax', 'ort-percentile', 'nncf-default'], 'peak_delta', 0)} |")
+    # 3. every config, every metric
     lines += ["", "### Every config (metrics, quantize time and peak RSS in a fresh process, 1-thread latency)", ""]
     for case, recs in by_case.items():
         anyrec = next((r for r in recs.values() if r.get("metrics")), {})
