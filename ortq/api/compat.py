@@ -273,6 +273,13 @@ def _nodes_to_exclude(nodes: Any, model_input: Any) -> list[str] | None:
     return list(nodes)
 
 
+#: Ops ONNX Runtime's static quantizer quantizes by default (no ``op_types_to_quantize``) that a target may
+#: list as slow-when-quantized; the drop-in quantizes them as ONNX Runtime does, with ortq's placement. The
+#: target's other exclusions (Softmax, AveragePool, Pad: ortq places their Q/DQ differently from ONNX
+#: Runtime, see benchmarks/peer-ort-suite.md) still apply unless named.
+ORT_QUANTIZES_BY_DEFAULT = frozenset({"ConvTranspose"})
+
+
 def static_options(
     quant_format: Any, op_types_to_quantize: Any, per_channel: Any, reduce_range: Any, activation_type: Any,
     weight_type: Any, nodes_to_quantize: Any, nodes_to_exclude: Any, calibrate_method: Any,
@@ -365,6 +372,8 @@ def quantize_static(
         nodes_to_quantize, nodes_to_exclude, calibrate_method, extra_options, model_input,
     )
     toolkit = toolkit or Toolkit()
+    if not options["op_types_to_quantize"]:
+        options["excluded_op_types"] = frozenset(toolkit.backend(target).excluded_op_types) - ORT_QUANTIZES_BY_DEFAULT
     kwargs: dict[str, Any] = dict(
         target=target, providers=calibration_providers,
         external_data=True if use_external_data_format else None, **options,

@@ -100,4 +100,5 @@ class QuantConfig:
 #: QuantConfig fields set verbatim from a same-named, non-None option (None keeps the backend's default).
 PASS_THROUGH_OPTIONS = (
     "min_real_range", "activation_restricted_asymmetric", "qdq_contrib_ops", "transformer_policy", "quantize_embeddings",
+    "excluded_op_types", "quantize_graph_inputs",
 )
