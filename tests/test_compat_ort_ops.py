@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import pytest
 from conftest import run
 from onnx import TensorProto, helper, numpy_helper
 
@@ -79,3 +80,67 @@ def test_conv_transpose_is_quantized_by_default_like_onnxruntime(tmp_path: Path)
     named = compat.quantize_static(tmp_path / "m.onnx", tmp_path / "n.onnx", Reader([calib]),
                                    op_types_to_quantize=["Conv"])
     assert "deconv" not in named.plan.quantized_nodes  # a list that does not name it still leaves it out
+
+
+def _graph_input_ops_model() -> onnx.ModelProto:
+    """Ops reading graph inputs directly: Slice, GatherElements, TopK (values and int64 indices), Where."""
+    starts = numpy_helper.from_array(np.array([0, 1], np.int64), "starts")
+    ends = numpy_helper.from_array(np.array([4, 7], np.int64), "ends")
+    idx = numpy_helper.from_array(np.array([[2, 0, 1, 3, 5, 4, 7, 6]] * 3, np.int64), "idx")
+    k = numpy_helper.from_array(np.array([3], np.int64), "k")
+    return _model(
+        [
+            helper.make_node("Slice", ["a", "starts", "ends"], ["sliced"], name="slice"),
+            helper.make_node("GatherElements", ["b", "idx"], ["gathered"], name="gather", axis=1),
+            helper.make_node("TopK", ["b", "k"], ["top", "top_idx"], name="topk", axis=1),
+            helper.make_node("Where", ["cond", "a", "b"], ["chosen"], name="where"),
+        ],
+        [helper.make_tensor_value_info("a", TensorProto.FLOAT, [3, 8]),
+         helper.make_tensor_value_info("b", TensorProto.FLOAT, [3, 8]),
+         helper.make_tensor_value_info("cond", TensorProto.BOOL, [3, 8])],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, s)
+         for n, s in (("sliced", [3, 6]), ("gathered", [3, 8]), ("top", [3, 3]), ("chosen", [3, 8]))]
+        + [helper.make_tensor_value_info("top_idx", TensorProto.INT64, [3, 3])],
+        [starts, ends, idx, k], opset=16,
+    )
+
+
+def _feeds(seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {"a": rng.uniform(-1, 1, (3, 8)).astype(np.float32), "b": rng.uniform(0, 6, (3, 8)).astype(np.float32),
+            "cond": rng.random((3, 8)) > 0.5}
+
+
+@pytest.mark.parametrize("quant_format", ["QDQ", "QOperator"])
+def test_force_quantize_no_input_check_quantizes_ops_on_graph_inputs(tmp_path: Path, quant_format: str) -> None:
+    """ONNX Runtime's ForceQuantizeNoInputCheck: Slice, GatherElements, TopK and Where reading graph inputs are
+    quantized (each data-movement output at its input's parameters, Where's inputs and output each at its own);
+    without it they stay float, as in ortq's own defaults."""
+    model = _graph_input_ops_model()
+    calib = [_feeds(s) for s in range(4)]
+    evaluation = _feeds(9)
+    fmt = getattr(compat.QuantFormat, quant_format)
+    result = compat.quantize_static(model, tmp_path / "q.onnx", Reader(calib), quant_format=fmt,
+                                    activation_type=compat.QuantType.QUInt8,
+                                    extra_options={"ForceQuantizeNoInputCheck": True})
+    assert {"slice", "gather", "topk", "where"} <= set(result.plan.quantized_nodes)
+    q = onnx.load(tmp_path / "q.onnx")
+    ops = [n.op_type for n in q.graph.node]
+    if quant_format == "QOperator":
+        assert "QLinearWhere" in ops
+    else:
+        # A data-movement output's Q reads the same scale/zero-point initializers as its input's DQ.
+        producers = {o: n for n in q.graph.node for o in n.output}
+        consumers = {i: n for n in q.graph.node for i in n.input}
+        sl = next(n for n in q.graph.node if n.op_type == "Slice")
+        dq, qn = producers[sl.input[0]], consumers[sl.output[0]]
+        assert (dq.op_type, qn.op_type) == ("DequantizeLinear", "QuantizeLinear") and dq.input[1:] == qn.input[1:]
+    for i, name in enumerate(("sliced", "gathered", "top", "chosen")):
+        assert _check(model, tmp_path / "q.onnx", evaluation, output=i) > 35, name
+    # The int64 indices are untouched; TopK's order survives 8 bits on these well-separated values.
+    assert np.array_equal(run(model, evaluation)[4], run(tmp_path / "q.onnx", evaluation)[4])
+    plain = compat.quantize_static(model, tmp_path / "p.onnx", Reader(calib), quant_format=fmt,
+                                   extra_options={"ForceQuantizeNoInputCheck": False})
+    assert not {"slice", "gather", "topk", "where"} & set(plain.plan.quantized_nodes)
+    own = ortq.quantize(model, tmp_path / "own.onnx", calibration_data=calib)
+    assert not {"slice", "gather", "topk", "where"} & set(own.plan.quantized_nodes)

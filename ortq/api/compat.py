@@ -176,9 +176,9 @@ EXTRA_OPTIONS: dict[str, tuple[Support, str | None]] = {
         "ignored", "ortq streams statistics in one pass; the ranges are those of the whole reader, as with "
         "ONNX Runtime's strided runs"), None),
     "ForceQuantizeNoInputCheck": (Support(
-        "better", "ortq decides per node whether a data-movement op (MaxPool, Reshape, ...) is quantized from "
-        "whether its input is and whether ONNX Runtime fuses it, which is what the option is for; True and "
-        "False both give that placement"), None),
+        "same", "True: a data-movement or selection op (Reshape, Slice, GatherElements, TopK, Where, ...) "
+        "reading a graph input is quantized, its input getting its own Q/DQ; ops fed by float ops keep ortq's "
+        "placement (quantized only where an input already is)"), "quantize_graph_inputs"),
     "QDQKeepRemovableActivations": (Support(
         "ignored", "ortq keeps Relu/Clip nodes in the graph (their Q/DQ carry the clipped range), which is "
         "what True asks for; False does not remove them either (ONNX Runtime's fusion does at load time)"), None),
@@ -323,6 +323,8 @@ def static_options(
             continue
         if target is None:
             continue
+        if key == "ForceQuantizeNoInputCheck" and not value:
+            continue  # False: the target's own choice (a target fed integers keeps quantizing its inputs)
         if key == "WeightSymmetric" and value is None:
             continue
         if target.startswith(_CALIB):

@@ -45,6 +45,7 @@ def rewrite_qdq(
     head: list[onnx.NodeProto] = []  # DQs of constants and Q/DQ of graph inputs: first in the graph
     after: dict[str, list[onnx.NodeProto]] = {}  # producer node name -> Q/DQ to place after it
     renamed_outputs: dict[str, str] = {}
+    activation_inits: dict[str, tuple[str, str, np.ndarray, np.ndarray]] = {}  # tensor -> its scale/zp initializers
 
     for name, tp in plan.tensors.items():
         if isinstance(tp.role, Bias):
@@ -66,8 +67,16 @@ def rewrite_qdq(
             head.append(constant_dq(graph, names, name, q, scale, p.zero_point, p.axis if p.per_channel else None))
             replacement[name] = head[-1].output[0]
             continue
-        scale = _add_init(graph, names(f"{name}_scale"), p.scale.astype(index.float_dtype(name)))
-        zero_point = _add_init(graph, names(f"{name}_zero_point"), p.zero_point)
+        scale_value = p.scale.astype(index.float_dtype(name))
+        shared = activation_inits.get(tp.source) if tp.source is not None else None
+        if shared is not None and _same_values(shared[2], scale_value) and _same_values(shared[3], p.zero_point):
+            # A data-movement output carries its input's parameters: one scale/zero-point pair for both, as
+            # ONNX Runtime writes it (tools check that a Slice's DQ and Q read the same initializers).
+            scale, zero_point = shared[0], shared[1]
+        else:
+            scale = _add_init(graph, names(f"{name}_scale"), scale_value)
+            zero_point = _add_init(graph, names(f"{name}_zero_point"), p.zero_point)
+        activation_inits[name] = (scale, zero_point, scale_value, np.asarray(p.zero_point))
         source = name
         if name in index.graph_outputs:
             source = renamed_outputs[name] = names(f"{name}_float")
@@ -98,6 +107,11 @@ def rewrite_qdq(
         graph.node.extend(after.get(node.name, []))
     drop_unused_constants(graph)
     return model
+
+
+def _same_values(a: np.ndarray, b: np.ndarray) -> bool:
+    a, b = np.asarray(a), np.asarray(b)
+    return a.dtype == b.dtype and a.shape == b.shape and bool(np.array_equal(a, b))
 
 
 def quantize_bias(values: np.ndarray, scale: np.ndarray, name: str) -> np.ndarray:

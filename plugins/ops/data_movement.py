@@ -11,7 +11,7 @@ import onnx
 
 from ortq.core.hookspecs import hookimpl
 from ortq.core.op_quantizer import Activation, LeaveFloat, NodePlan, OpQuantizer, PlanContext, QOperatorContext, SameAs
-from ortq.pipeline.rewrite_qoperator import run_on_quantized
+from ortq.pipeline.rewrite_qoperator import MS_DOMAIN, check_kernel_types, run_on_quantized
 
 
 class DataMovementQuantizer(OpQuantizer):
@@ -132,6 +132,60 @@ class PadQuantizer(OpQuantizer):
         return kernels
 
 
+def _asked_for(node: onnx.NodeProto, ctx: PlanContext) -> bool:
+    """Named in ``op_types_to_quantize``, or graph inputs are quantized (``quantize_graph_inputs``: a target fed
+    integers, or the drop-in's ``ForceQuantizeNoInputCheck``)."""
+    named = ctx.config.op_types is not None and node.op_type in ctx.config.op_types
+    return named or ctx.config.quantize_graph_inputs
+
+
+class SelectionQuantizer(OpQuantizer):
+    """GatherElements and TopK pick input values (TopK's indices are int64 and stay so): the picked values
+    carry the input's scale. ONNX Runtime quantizes both when asked to (by name, or with
+    ``ForceQuantizeNoInputCheck``); ortq's own defaults leave them float, since a host runtime gains nothing
+    from moving 8-bit values through them unless a later integer kernel reads them."""
+
+    op_types = ("GatherElements", "TopK")
+
+    def plan(self, node: onnx.NodeProto, ctx: PlanContext) -> NodePlan | LeaveFloat:
+        if not _asked_for(node, ctx):
+            return LeaveFloat(f"{node.op_type} is quantized only when op_types_to_quantize names it")
+        return NodePlan(outputs={0: SameAs(0)})
+
+    def qoperator(self, node: onnx.NodeProto, q: QOperatorContext) -> list[onnx.NodeProto] | LeaveFloat:
+        if node.op_type == "TopK":
+            return LeaveFloat("ONNX Runtime's CPU TopK has no 8-bit kernel")
+        return run_on_quantized(node, q, eight_bit_only=True)
+
+
+class WhereQuantizer(OpQuantizer):
+    """Where selects from X and Y, which may have different ranges: each gets its own Q/DQ and the output its
+    own (QLinearWhere on the CPU). Quantized only when asked for, as ONNX Runtime does (by name, or with
+    ``ForceQuantizeNoInputCheck``): in ortq's own defaults a Where is mostly an attention mask, which 8 bits
+    would clip."""
+
+    op_types = ("Where",)
+
+    def plan(self, node: onnx.NodeProto, ctx: PlanContext) -> NodePlan | LeaveFloat:
+        if not _asked_for(node, ctx):
+            return LeaveFloat("Where is quantized only when op_types_to_quantize names it")
+        return NodePlan(inputs={1: Activation(), 2: Activation()}, outputs={0: Activation()})
+
+    def qoperator(self, node: onnx.NodeProto, q: QOperatorContext) -> list[onnx.NodeProto] | LeaveFloat:
+        """com.microsoft.QLinearWhere(condition, X, X_scale, X_zp, Y, Y_scale, Y_zp, Z_scale, Z_zp)."""
+        x, y, z = q.input(1), q.input(2), q.output(0)
+        if x is None or y is None or z is None:
+            return LeaveFloat("its inputs and output are not all quantized")
+        bad = check_kernel_types([x, y, z])
+        if bad is not None:
+            return bad
+        return [onnx.helper.make_node(
+            "QLinearWhere", [node.input[0], x.name, x.scale, x.zero_point, y.name, y.scale, y.zero_point,
+                             z.scale, z.zero_point],
+            [z.name], name=q.fresh_name(f"{node.name}_quant"), domain=MS_DOMAIN,
+        )]
+
+
 class ArgMaxQuantizer(OpQuantizer):
     """ArgMax/ArgMin of the quantized codes is the ArgMax/ArgMin of the real values (one scale, and a
     positive one keeps the order), so the index comes straight from the 8-bit input. Only when named in
@@ -160,6 +214,8 @@ class ArgMaxQuantizer(OpQuantizer):
 @hookimpl
 def ortq_register_op_quantizers(register):
     register(ArgMaxQuantizer)
+    register(SelectionQuantizer)
+    register(WhereQuantizer)
     register(DataMovementQuantizer)
     register(SplitQuantizer)
     register(GatherQuantizer)
