@@ -144,3 +144,26 @@ def test_force_quantize_no_input_check_quantizes_ops_on_graph_inputs(tmp_path: P
     assert not {"slice", "gather", "topk", "where"} & set(plain.plan.quantized_nodes)
     own = ortq.quantize(model, tmp_path / "own.onnx", calibration_data=calib)
     assert not {"slice", "gather", "topk", "where"} & set(own.plan.quantized_nodes)
+
+
+@pytest.mark.parametrize("quant_format", ["QDQ", "QOperator"])
+def test_named_add_on_a_graph_input_is_quantized(tmp_path: Path, quant_format: str) -> None:
+    """An Add of a graph input and a constant, named in op_types_to_quantize: ONNX Runtime quantizes it (Q/DQ on
+    the input, the constant stored quantized, Q/DQ on the output); unnamed, it stays float (nothing upstream
+    is quantized, so it would only add error)."""
+    rng = np.random.default_rng(4)
+    c = numpy_helper.from_array(rng.uniform(-1, 1, (4, 16)).astype(np.float32), "c")
+    model = _model([helper.make_node("Add", ["x", "c"], ["y"], name="add")],
+                   [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 16])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 16])], [c])
+    calib = [{"x": rng.uniform(-2, 2, (4, 16)).astype(np.float32)} for _ in range(4)]
+    evaluation = {"x": rng.uniform(-2, 2, (4, 16)).astype(np.float32)}
+    fmt = getattr(compat.QuantFormat, quant_format)
+    result = compat.quantize_static(model, tmp_path / "q.onnx", Reader(calib), quant_format=fmt,
+                                    op_types_to_quantize=["Add"], activation_type=compat.QuantType.QUInt8)
+    assert "add" in result.plan.quantized_nodes
+    ops = [n.op_type for n in onnx.load(tmp_path / "q.onnx").graph.node]
+    assert ("QLinearAdd" in ops) if quant_format == "QOperator" else (ops.count("DequantizeLinear") == 3)
+    assert _check(model, tmp_path / "q.onnx", evaluation) > 30
+    plain = compat.quantize_static(model, tmp_path / "p.onnx", Reader(calib), quant_format=fmt)
+    assert "add" not in plain.plan.quantized_nodes

@@ -27,7 +27,10 @@ class BinaryElementwiseQuantizer(OpQuantizer):
     op_types = ("Add", "Mul")
 
     def plan(self, node: onnx.NodeProto, ctx: PlanContext) -> NodePlan | LeaveFloat:
-        if not self.activation_inputs_quantized(node, ctx, [0, 1]):
+        # Named in op_types_to_quantize, it is quantized whatever feeds it (as ONNX Runtime does): an Add of a
+        # graph input and a constant then gets Q/DQ on both and on its output (QLinearAdd in QOperator).
+        named = ctx.config.op_types is not None and node.op_type in ctx.config.op_types
+        if not named and not self.activation_inputs_quantized(node, ctx, [0, 1]):
             return LeaveFloat(_NOT_IN_CHAIN)
         matmul = self.fused_input(node, ctx)
         if matmul is not None:
