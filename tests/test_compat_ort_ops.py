@@ -167,3 +167,37 @@ def test_named_add_on_a_graph_input_is_quantized(tmp_path: Path, quant_format: s
     assert _check(model, tmp_path / "q.onnx", evaluation) > 30
     plain = compat.quantize_static(model, tmp_path / "p.onnx", Reader(calib), quant_format=fmt)
     assert "add" not in plain.plan.quantized_nodes
+
+
+def test_instance_normalization_is_quantized_by_the_drop_in_only(tmp_path: Path) -> None:
+    """ONNX Runtime quantizes InstanceNormalization unasked (input, gamma as a weight, B as an int32 bias,
+    output); no kernel runs it on integers, so ortq's own quantize leaves it float unless named."""
+    from onnxruntime.quantization import QuantType
+    from onnxruntime.quantization import quantize_static as ort_quantize_static
+
+    rng = np.random.default_rng(6)
+    gamma = numpy_helper.from_array(rng.uniform(0.5, 1.5, 4).astype(np.float32), "gamma")
+    beta = numpy_helper.from_array(rng.uniform(-0.5, 0.5, 4).astype(np.float32), "beta")
+    model = _model([helper.make_node("InstanceNormalization", ["x", "gamma", "beta"], ["y"], name="inorm")],
+                   [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 6, 6])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 6, 6])], [gamma, beta])
+    onnx.save(model, tmp_path / "m.onnx")
+    calib = {"x": (rng.standard_normal((8, 4, 6, 6)) * 2 + 1).astype(np.float32)}
+    evaluation = {"x": (rng.standard_normal((8, 4, 6, 6)) * 2 + 1).astype(np.float32)}
+    result = compat.quantize_static(tmp_path / "m.onnx", tmp_path / "q.onnx", Reader([calib]),
+                                    activation_type=compat.QuantType.QUInt8, weight_type=compat.QuantType.QInt8)
+    assert "inorm" in result.plan.quantized_nodes
+    q = onnx.load(tmp_path / "q.onnx")
+    producers = {o: n.op_type for n in q.graph.node for o in n.output}
+    inorm = next(n for n in q.graph.node if n.op_type == "InstanceNormalization")
+    assert [producers.get(i) for i in inorm.input] == ["DequantizeLinear"] * 3
+    ours = _check(model, tmp_path / "q.onnx", evaluation)
+    ort_quantize_static(str(tmp_path / "m.onnx"), str(tmp_path / "ort.onnx"), Reader([calib]),
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    theirs = _check(model, tmp_path / "ort.onnx", evaluation)
+    assert ours > 30 and ours >= theirs - 0.1, (ours, theirs)
+    own = ortq.quantize(tmp_path / "m.onnx", tmp_path / "own.onnx", calibration_data=[calib])
+    assert "inorm" not in own.plan.quantized_nodes
+    named = ortq.quantize(tmp_path / "m.onnx", tmp_path / "named.onnx", calibration_data=[calib],
+                          op_types_to_quantize=["InstanceNormalization"])
+    assert "inorm" in named.plan.quantized_nodes and _check(model, tmp_path / "named.onnx", evaluation) > 30

@@ -278,6 +278,9 @@ def _nodes_to_exclude(nodes: Any, model_input: Any) -> list[str] | None:
 #: target's other exclusions (Softmax, AveragePool, Pad: ortq places their Q/DQ differently from ONNX
 #: Runtime, see benchmarks/peer-ort-suite.md) still apply unless named.
 ORT_QUANTIZES_BY_DEFAULT = frozenset({"ConvTranspose"})
+#: Ops ONNX Runtime quantizes by default that ortq's op quantizers quantize only when named (no integer
+#: kernel runs them); the drop-in treats them as named when ``op_types_to_quantize`` is not given.
+ORT_NAMED_BY_DEFAULT = frozenset({"InstanceNormalization"})
 
 
 def static_options(
@@ -376,6 +379,7 @@ def quantize_static(
     toolkit = toolkit or Toolkit()
     if not options["op_types_to_quantize"]:
         options["excluded_op_types"] = frozenset(toolkit.backend(target).excluded_op_types) - ORT_QUANTIZES_BY_DEFAULT
+        options["default_named_op_types"] = ORT_NAMED_BY_DEFAULT
     kwargs: dict[str, Any] = dict(
         target=target, providers=calibration_providers,
         external_data=True if use_external_data_format else None, **options,

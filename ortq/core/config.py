@@ -87,6 +87,10 @@ class QuantConfig:
     #: integers at the input's scale (ESP-DL: the application quantizes the input), where there is no float
     #: path for the op at all.
     quantize_graph_inputs: bool = False
+    #: Op types treated as if named in ``op_types`` without restricting the selection to them: the ONNX Runtime
+    #: drop-in's default list (ops ONNX Runtime quantizes unasked that ortq quantizes only when named, such as
+    #: InstanceNormalization, which no CPU kernel runs on integers).
+    default_named_op_types: frozenset[str] = frozenset()
 
     @property
     def required_opset(self) -> int:
@@ -100,5 +104,5 @@ class QuantConfig:
 #: QuantConfig fields set verbatim from a same-named, non-None option (None keeps the backend's default).
 PASS_THROUGH_OPTIONS = (
     "min_real_range", "activation_restricted_asymmetric", "qdq_contrib_ops", "transformer_policy", "quantize_embeddings",
-    "excluded_op_types", "quantize_graph_inputs",
+    "excluded_op_types", "quantize_graph_inputs", "default_named_op_types",
 )

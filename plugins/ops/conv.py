@@ -58,7 +58,30 @@ class ConvTransposeQuantizer(OpQuantizer):
         return NodePlan(inputs=inputs, outputs={0: Activation()})
 
 
+class InstanceNormalizationQuantizer(OpQuantizer):
+    """InstanceNormalization quantized as ONNX Runtime does: input and output as activations, the scale
+    (gamma) as a weight (per channel along axis 0), B as an int32 bias at input scale x gamma scale.
+
+    No ONNX Runtime kernel runs it on integers (DQ -> float InstanceNormalization -> Q), so it saves nothing and
+    adds a rounding of gamma: ortq quantizes it only when named in ``op_types_to_quantize`` or in the ONNX
+    Runtime drop-in's default list (``QuantConfig.default_named_op_types``), whatever feeds it.
+    """
+
+    op_types = ("InstanceNormalization",)
+
+    def plan(self, node: onnx.NodeProto, ctx: PlanContext) -> NodePlan | LeaveFloat:
+        named = ctx.config.op_types is not None and node.op_type in ctx.config.op_types
+        if not named and node.op_type not in ctx.config.default_named_op_types:
+            return LeaveFloat("no integer InstanceNormalization kernel: quantized only when op_types_to_quantize "
+                              "names it")
+        return NodePlan(
+            inputs={0: Activation(), 1: Weight(axis=ctx.weight_axis(0)), 2: Bias(input=0, weight=1)},
+            outputs={0: Activation()},
+        )
+
+
 @hookimpl
 def ortq_register_op_quantizers(register):
     register(ConvQuantizer)
     register(ConvTransposeQuantizer)
+    register(InstanceNormalizationQuantizer)
