@@ -80,6 +80,9 @@ def test_conv_transpose_is_quantized_by_default_like_onnxruntime(tmp_path: Path)
     named = compat.quantize_static(tmp_path / "m.onnx", tmp_path / "n.onnx", Reader([calib]),
                                    op_types_to_quantize=["Conv"])
     assert "deconv" not in named.plan.quantized_nodes  # a list that does not name it still leaves it out
+    qop = compat.quantize_static(tmp_path / "m.onnx", tmp_path / "qop.onnx", Reader([calib]),
+                                 quant_format=compat.QuantFormat.QOperator)
+    assert "deconv" not in qop.plan.quantized_nodes  # ONNX Runtime's QOperator format has no kernel for it
 
 
 def _graph_input_ops_model() -> onnx.ModelProto:

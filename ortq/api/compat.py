@@ -273,7 +273,7 @@ def _nodes_to_exclude(nodes: Any, model_input: Any) -> list[str] | None:
     return list(nodes)
 
 
-#: Ops ONNX Runtime's static quantizer quantizes by default (no ``op_types_to_quantize``) that a target may
+#: Ops ONNX Runtime's static quantizer quantizes by default in QDQ (no ``op_types_to_quantize``) that a target may
 #: list as slow-when-quantized; the drop-in quantizes them as ONNX Runtime does, with ortq's placement. The
 #: target's other exclusions (Softmax, AveragePool, Pad: ortq places their Q/DQ differently from ONNX
 #: Runtime, see benchmarks/peer-ort-suite.md) still apply unless named.
@@ -377,7 +377,8 @@ def quantize_static(
         nodes_to_quantize, nodes_to_exclude, calibrate_method, extra_options, model_input,
     )
     toolkit = toolkit or Toolkit()
-    if not options["op_types_to_quantize"]:
+    if not options["op_types_to_quantize"] and options["quant_format"] == "qdq":
+        # (ONNX Runtime's QOperator format has no integer kernel for these and leaves them float.)
         options["excluded_op_types"] = frozenset(toolkit.backend(target).excluded_op_types) - ORT_QUANTIZES_BY_DEFAULT
         options["default_named_op_types"] = ORT_NAMED_BY_DEFAULT
     kwargs: dict[str, Any] = dict(
